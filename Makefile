@@ -1,0 +1,57 @@
+# gpunode.bringup: `make test` and `make demo` set up everything they need on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(CURDIR)/$(VENV)/bin/python
+BUILD := $(CURDIR)/.build
+# ansible-test and ansible-playbook find the collection at ansible_collections/gpunode/bringup:
+# a symlink to this checkout for playbooks and pytest, a copy for ansible-test (it needs a real path).
+COLLECTION_LINK := $(BUILD)/ansible_collections/gpunode/bringup
+LAB_NVML := $(BUILD)/lab/lib/libnvidia-ml.so.1
+
+export ANSIBLE_HOME := $(BUILD)/ansible-home
+export ANSIBLE_COLLECTIONS_PATH := $(BUILD)
+export ANSIBLE_REMOTE_TMP := $(BUILD)/ansible-tmp
+export ANSIBLE_LOCAL_TEMP := $(BUILD)/ansible-tmp
+export PYTHONPATH := $(BUILD):$(CURDIR)
+
+.PHONY: help venv collection lab-nvml test sanity lint units pytest stubs-check demo bench docs-lint build clean
+
+help:
+	@echo "make test   set up (venv, collection path, lab NVML) and run every test with a summary line"
+	@echo "make demo   set up and run gpu_node_bringup.yml on a four-node lab fleet, twice"
+	@echo "make bench  run the benchmarks in bench/ (ratios against a baseline in the same run)"
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+collection:
+	@mkdir -p $(dir $(COLLECTION_LINK)) $(ANSIBLE_HOME) $(BUILD)/ansible-tmp
+	@ln -sfn ../../.. $(COLLECTION_LINK)
+
+lab-nvml: $(LAB_NVML)
+$(LAB_NVML): $(wildcard lab/nvml/*.c lab/nvml/*.h)
+	@mkdir -p $(dir $@)
+	gcc -O2 -Wall -shared -fPIC -Wl,-soname,libnvidia-ml.so.1 -o $@ lab/nvml/*.c -lpthread
+
+test: venv collection lab-nvml
+	$(VPY) tests/run_all.py
+
+# Single stages, for development (the same ones `make test` runs).
+stubs-check sanity lint units pytest: venv collection lab-nvml
+	$(VPY) tests/run_all.py --only $@
+
+demo: venv collection lab-nvml
+	$(VPY) -m lab.demo
+
+bench: venv collection lab-nvml
+	$(VPY) bench/run_all.py
+
+build: venv
+	$(VENV)/bin/ansible-galaxy collection build --force --output-path $(BUILD)/dist .
+
+clean:
+	rm -rf $(BUILD) tests/output
