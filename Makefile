@@ -41,7 +41,9 @@ test: venv collection lab-nvml
 	$(VPY) tests/run_all.py
 
 # Single stages, for development (the same ones `make test` runs).
-stubs-check sanity lint units pytest: venv collection lab-nvml
+stubs-check sanity lint units: venv collection
+	$(VPY) tests/run_all.py --only $@
+pytest: venv collection lab-nvml
 	$(VPY) tests/run_all.py --only $@
 
 demo: venv collection lab-nvml

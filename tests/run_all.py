@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Run every test stage of `make test` and end with one summary line of counts.
 
 Stages (in order): stubs-check (generated gRPC stubs vs a fresh regeneration), sanity
@@ -11,6 +11,7 @@ Usage: tests/run_all.py [--only STAGE]
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import re
 import shutil
@@ -48,7 +49,7 @@ class Stage:
 
 def run(cmd: List[str], cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     print("+ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
     sys.stdout.write(proc.stdout)
     sys.stdout.flush()
     return proc
@@ -142,7 +143,7 @@ def stage_lint(stage: Stage) -> None:
     env = dict(os.environ)
     env["PATH"] = str(VENV_BIN) + os.pathsep + env.get("PATH", "")
     proc = run(["ansible-lint", "--offline", "--profile", "production", "--nocolor"], env=env)
-    files = re.search(r"on (\d+) files", proc.stdout)
+    files = re.search(r"(?:on|in) (\d+) files", proc.stdout)
     failures = re.search(r"(\d+) failure\(s\), (\d+) warning\(s\)", proc.stdout)
     checked = int(files.group(1)) if files else 0
     if proc.returncode == 0 and checked:
@@ -197,7 +198,14 @@ def main() -> int:
         stage = Stage(name)
         start = time.monotonic()
         print("\n===== %s =====" % name, flush=True)
-        fn(stage)
+        if name in ("sanity", "units"):
+            # one ansible-test run at a time per checkout: they share the copy and the cache
+            BUILD.mkdir(exist_ok=True)
+            with open(BUILD / "ansible-test.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                fn(stage)
+        else:
+            fn(stage)
         stage.seconds = time.monotonic() - start
         if stage.passed == 0 and stage.failed == 0:
             stage.failed = 1

@@ -112,7 +112,9 @@ def build_configuration(params: Dict[str, Any]) -> Any:
     if params.get("host"):
         configuration.host = params["host"].rstrip("/")
     if params.get("api_key"):
-        configuration.api_key = {"authorization": "Bearer " + params["api_key"]}
+        # the key name changed across client releases ("authorization", then "BearerToken")
+        token = "Bearer " + params["api_key"]
+        configuration.api_key = {"authorization": token, "BearerToken": token}
     if params.get("username"):
         configuration.username = params["username"]
         configuration.password = params.get("password") or ""
