@@ -35,7 +35,7 @@ collection:
 lab-nvml: $(LAB_NVML)
 $(LAB_NVML): $(wildcard lab/nvml/*.c lab/nvml/*.h)
 	@mkdir -p $(dir $@)
-	gcc -O2 -Wall -shared -fPIC -Wl,-soname,libnvidia-ml.so.1 -o $@ lab/nvml/*.c -lpthread
+	gcc -std=c99 -O2 -Wall -Wextra -shared -fPIC -pthread -Wl,-soname,libnvidia-ml.so.1 -o $@ lab/nvml/*.c
 
 test: venv collection lab-nvml
 	$(VPY) tests/run_all.py
