@@ -1,0 +1,318 @@
+# -*- coding: utf-8 -*-
+# Copyright: (c) 2026, gpunode.bringup contributors
+# Apache License 2.0 (see LICENSE)
+# Private to the gpunode.bringup collection; not a public API.
+"""The ordered plan as data, and the pure functions that evaluate it.
+
+A node's evidence is one dictionary (``facts``): ``fleet`` (its device_plugin_info entry),
+``nvml`` (nvml_info), ``runtime`` (container_runtime_info), ``probe`` (device_plugin_probe),
+``workload`` (gpu_smoke_test, optional) and scalars such as ``expected_gpu_count``.
+Each step of the plan names the finding codes it owns in one of those sources and/or a
+jmespath ``check`` that must be truthy; the first failing step stops the walk, because a
+break low in the chain explains every symptom above it. A failing step proposes the first of
+its remediations whose codes match, and the policy (safe/disruptive, busy GPUs, actions
+already tried) says whether it may run.
+"""
+
+from __future__ import absolute_import, annotations, division, print_function
+
+__metaclass__ = type
+
+import json
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+try:
+    import jmespath
+except ImportError:
+    HAS_JMESPATH = False
+    JMESPATH_IMPORT_ERROR: Optional[str] = traceback.format_exc()
+else:
+    HAS_JMESPATH = True
+    JMESPATH_IMPORT_ERROR = None
+
+from ansible_collections.gpunode.bringup.plugins.module_utils._errors import InvalidOptionError
+
+VERDICTS = ("ok", "fixed", "failed", "skipped")
+SOURCES = ("fleet", "nvml", "runtime", "probe", "workload")
+PASSING_SEVERITIES = ("warning", "info")
+
+
+@dataclass
+class Remediation:
+    action: str
+    description: str
+    codes: List[str] = field(default_factory=list)  # empty: any failure of the step
+    disruptive: bool = False
+
+
+@dataclass
+class Step:
+    name: str
+    next_action: str  # the manual action when the step stays failed
+    source: Optional[str] = None
+    codes: List[str] = field(default_factory=list)
+    check: Optional[str] = None  # jmespath over facts; truthy = ok
+    enabled: Optional[str] = None  # jmespath over facts; falsy = step skipped
+    description: str = ""
+    remediations: List[Remediation] = field(default_factory=list)
+    after: Optional[str] = None  # site checks: the step they follow
+
+
+@dataclass
+class Policy:
+    allow_safe: bool = True
+    allow_disruptive: bool = False
+    drain: bool = False
+    tried: List[str] = field(default_factory=list)  # "step:action" already run in this run
+
+
+@dataclass
+class StepResult:
+    step: str
+    verdict: str
+    evidence: List[Dict[str, Any]] = field(default_factory=list)
+    next_action: Optional[str] = None
+
+
+@dataclass
+class Proposal:
+    step: str
+    action: str
+    description: str
+    disruptive: bool
+    allowed: bool
+    refused: Optional[str] = None  # why an action exists but may not run
+
+
+@dataclass
+class Evaluation:
+    steps: List[StepResult]
+    failed_step: Optional[str] = None
+    proposal: Optional[Proposal] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _require_jmespath() -> None:
+    if not HAS_JMESPATH:
+        raise InvalidOptionError("the plan's checks need the Python library jmespath on the controller",
+                                 action="pip install jmespath (see requirements.txt)")
+
+
+def search(expression: str, facts: Dict[str, Any], where: str) -> Any:
+    _require_jmespath()
+    try:
+        return jmespath.search(expression, facts)
+    except jmespath.exceptions.JMESPathError as exc:
+        raise InvalidOptionError("%s: jmespath expression %r is invalid: %s" % (where, expression, exc))
+
+
+def parse_steps(raw_steps: List[Dict[str, Any]], site_checks: Optional[List[Dict[str, Any]]] = None) -> List[Step]:
+    """Steps from role variables (plan + site checks inserted after the step they name)."""
+    steps = [_parse_step(raw, "gpunode_plan_steps") for raw in raw_steps]
+    names = [s.name for s in steps]
+    if len(set(names)) != len(names):
+        raise InvalidOptionError("gpunode_plan_steps: step names must be unique, got %s" % names)
+    for raw in site_checks or []:
+        check = _parse_step(raw, "gpunode_site_checks")
+        if not check.check and not check.codes:
+            raise InvalidOptionError("gpunode_site_checks: check %r needs a jmespath 'check'" % check.name)
+        if check.name in names:
+            raise InvalidOptionError("gpunode_site_checks: %r is already a step name" % check.name)
+        anchor = check.after or names[-1]
+        if anchor not in names:
+            raise InvalidOptionError("gpunode_site_checks: %r follows unknown step %r (steps: %s)"
+                                     % (check.name, anchor, ", ".join(names)))
+        index = names.index(anchor) + 1
+        while index < len(steps) and steps[index].after == anchor:
+            index += 1  # several site checks after one step keep their order
+        steps.insert(index, check)
+        names.insert(index, check.name)
+    return steps
+
+
+def _parse_step(raw: Dict[str, Any], where: str) -> Step:
+    if not isinstance(raw, dict) or not raw.get("name"):
+        raise InvalidOptionError("%s: every entry needs a name, got %r" % (where, raw))
+    name = str(raw["name"])
+    source = raw.get("source")
+    if source is not None and source not in SOURCES:
+        raise InvalidOptionError("%s: step %s has unknown source %r (one of %s)" % (where, name, source, ", ".join(SOURCES)))
+    if raw.get("codes") and not source:
+        raise InvalidOptionError("%s: step %s lists codes but no source" % (where, name))
+    remediations = []
+    for item in raw.get("remediations") or []:
+        if not isinstance(item, dict) or not item.get("action"):
+            raise InvalidOptionError("%s: step %s has a remediation without an action: %r" % (where, name, item))
+        remediations.append(Remediation(action=str(item["action"]), description=str(item.get("description", item["action"])),
+                                        codes=list(item.get("codes") or []), disruptive=bool(item.get("disruptive", False))))
+    return Step(name=name, next_action=str(raw.get("next_action") or "investigate step %s" % name), source=source,
+                codes=list(raw.get("codes") or []), check=raw.get("check"), enabled=raw.get("enabled"),
+                description=str(raw.get("description", "")), remediations=remediations, after=raw.get("after"))
+
+
+def step_findings(step: Step, facts: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The failing findings (not warnings) of the step's source that carry one of its codes."""
+    if not step.source or not step.codes:
+        return []
+    source = facts.get(step.source) or {}
+    findings = source.get("findings") or [] if isinstance(source, dict) else []
+    return [f for f in findings if isinstance(f, dict) and f.get("code") in step.codes
+            and f.get("severity") not in PASSING_SEVERITIES]
+
+
+def evaluate(steps: List[Step], facts: Dict[str, Any], policy: Policy) -> Evaluation:
+    """Walk the steps bottom-up; stop at the first failing one and propose its remediation."""
+    results: List[StepResult] = []
+    failed: Optional[Step] = None
+    failed_evidence: List[Dict[str, Any]] = []
+    for step in steps:
+        if failed is not None:
+            results.append(StepResult(step.name, "skipped", [{"message": "blocked by step %s" % failed.name}]))
+            continue
+        if step.enabled and not search(step.enabled, facts, "step %s (enabled)" % step.name):
+            results.append(StepResult(step.name, "skipped", [{"message": "not enabled"}]))
+            continue
+        evidence = step_findings(step, facts)
+        ok = not evidence
+        if step.check:
+            value = search(step.check, facts, "step %s" % step.name)
+            if not value:
+                ok = False
+                evidence = evidence + [{"code": "check_failed", "message": "%s is %s" % (
+                    step.check, json.dumps(value, default=str))}]
+        if ok:
+            results.append(StepResult(step.name, "ok"))
+            continue
+        failed = step
+        failed_evidence = evidence
+        next_action = "; ".join(dict.fromkeys(f.get("action") for f in evidence if f.get("action"))) or step.next_action
+        results.append(StepResult(step.name, "failed", evidence, next_action))
+    proposal = propose(failed, failed_evidence, facts, policy) if failed else None
+    return Evaluation(results, failed.name if failed else None, proposal)
+
+
+def busy_pods(facts: Dict[str, Any]) -> List[str]:
+    """Pods holding GPUs on the node (from the probe's pod-resources List)."""
+    probe = facts.get("probe") or {}
+    pods = probe.get("pods_with_devices") or probe.get("gpu_pods") or []
+    names = []
+    for pod in pods:
+        if isinstance(pod, dict):
+            names.append("%s/%s" % (pod.get("namespace", "?"), pod.get("name", "?")))
+        else:
+            names.append(str(pod))
+    return names
+
+
+def propose(step: Step, evidence: List[Dict[str, Any]], facts: Dict[str, Any], policy: Policy) -> Optional[Proposal]:
+    codes = {f.get("code") for f in evidence}
+    for rem in step.remediations:
+        if rem.codes and not codes & set(rem.codes):
+            continue
+        proposal = Proposal(step.name, rem.action, rem.description, rem.disruptive, allowed=True)
+        key = "%s:%s" % (step.name, rem.action)
+        if key in policy.tried:
+            proposal.allowed = False
+            proposal.refused = "%s was already tried in this run and the step still fails" % rem.action
+        elif rem.disruptive and not policy.allow_disruptive:
+            proposal.allowed = False
+            proposal.refused = "%s is disruptive: rerun with gpunode_allow_disruptive=true to allow it" % rem.action
+        elif rem.disruptive and busy_pods(facts) and not policy.drain:
+            proposal.allowed = False
+            proposal.refused = ("%s is disruptive and GPUs are in use by %s: drain the node first "
+                                "(gpunode_drain=true) or wait for them to finish" % (rem.action, ", ".join(busy_pods(facts))))
+        elif not rem.disruptive and not policy.allow_safe:
+            proposal.allowed = False
+            proposal.refused = "remediation is off here: run gpunode.bringup.gpu_node_remediate to %s" % rem.description
+        return proposal
+    return None
+
+
+def merge_rounds(rounds: List[Dict[str, Any]], actions: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Final per-step verdicts: a step that failed in an earlier round, got an action and is ok
+    now is ``fixed``."""
+    if not rounds:
+        return []
+    final = [dict(s) for s in rounds[-1]["steps"]]
+    acted = {}
+    for action in actions:
+        acted.setdefault(action["step"], []).append(action)
+    for result in final:
+        done = acted.get(result["step"], [])
+        result["actions"] = [a["action"] for a in done]
+        if result["verdict"] == "ok" and any(a.get("done") for a in done):
+            result["verdict"] = "fixed"
+    return final
+
+
+def summarize(node: str, steps: List[Dict[str, Any]], actions: List[Dict[str, Any]],
+              proposal: Optional[Dict[str, Any]], check_mode: bool, skipped_reason: Optional[str] = None) -> Dict[str, Any]:
+    """One node's report entry."""
+    failed = [s for s in steps if s["verdict"] == "failed"]
+    verdict = "skipped" if skipped_reason else ("failed" if failed else (
+        "fixed" if any(s["verdict"] == "fixed" for s in steps) else "ok"))
+    next_action = None
+    if failed:
+        next_action = failed[0].get("next_action")
+        errors = [a for a in actions if a.get("step") == failed[0]["step"] and a.get("error")]
+        if errors:
+            next_action = "%s failed (%s); then: %s" % (errors[-1]["action"], errors[-1]["error"], next_action)
+        elif proposal and proposal.get("refused"):
+            next_action = "%s (%s)" % (proposal["description"], proposal["refused"])
+        elif proposal and check_mode:
+            next_action = "would %s" % proposal["description"]
+    return {
+        "node": node,
+        "verdict": verdict,
+        "failed_step": failed[0]["step"] if failed else None,
+        "steps": steps,
+        "actions": actions,
+        "next_action": skipped_reason or next_action,
+        "check_mode": check_mode,
+    }
+
+
+def missing_report(node: str) -> Dict[str, Any]:
+    """The entry of a host whose plan did not finish (unreachable, or a task failed)."""
+    return {"node": node, "verdict": "failed", "failed_step": None, "steps": [], "actions": [],
+            "next_action": "the plan did not finish on this host: see the task error or unreachable host above",
+            "check_mode": False}
+
+
+def fleet_report(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The run's report: entries sorted by node, counts per verdict."""
+    nodes = sorted(reports, key=lambda r: r["node"])
+    counts = {v: sum(1 for r in nodes if r["verdict"] == v) for v in VERDICTS}
+    return {"nodes": nodes, "counts": counts, "healthy": counts["failed"] == 0 and counts["skipped"] == 0}
+
+
+SYMBOLS = {"ok": "ok", "fixed": "FIXED", "failed": "FAIL", "skipped": "-"}
+
+
+def report_table(reports: List[Dict[str, Any]], step_names: List[str]) -> List[str]:
+    """Nodes x steps as fixed-width text lines, readable at 50 nodes, then one line per problem."""
+    rows = sorted(reports, key=lambda r: r.get("node", ""))
+    node_width = max([4] + [len(r["node"]) for r in rows])
+    widths = [max(len(name), 5) for name in step_names]
+    header = "%-*s  " % (node_width, "NODE") + "  ".join("%-*s" % (w, n.upper()) for n, w in zip(step_names, widths))
+    lines = [header + "  RESULT", "-" * (len(header) + 8)]
+    for report in rows:
+        by_step = {s["step"]: s["verdict"] for s in report.get("steps", [])}
+        cells = ["%-*s" % (w, SYMBOLS.get(by_step.get(n, "skipped"), "?")) for n, w in zip(step_names, widths)]
+        lines.append("%-*s  %s  %s" % (node_width, report["node"], "  ".join(cells), report["verdict"].upper()))
+    counts = {v: sum(1 for r in rows if r["verdict"] == v) for v in VERDICTS}
+    lines.append("")
+    lines.append("%d nodes: %d ok, %d fixed, %d failed, %d skipped" % (
+        len(rows), counts["ok"], counts["fixed"], counts["failed"], counts["skipped"]))
+    for report in rows:
+        done = [a for a in report.get("actions", []) if a.get("done")]
+        if done:
+            lines.append("%s: did %s" % (report["node"], ", ".join("%s (%s)" % (a["description"], a["step"]) for a in done)))
+        if report["verdict"] in ("failed", "skipped") and report.get("next_action"):
+            where = " at step %s" % report["failed_step"] if report.get("failed_step") else ""
+            lines.append("%s: %s%s. Next: %s" % (report["node"], report["verdict"].upper(), where, report["next_action"]))
+    return lines
