@@ -1,0 +1,488 @@
+"""The lab daemon: one process holding a whole simulated fleet.
+
+It runs the Kubernetes API server (lab/apiserver), the node runtime (lab/node: kubelet and
+device plugin stand-ins of every node; none with ``--api-only``), applies a scenario, writes
+``kubeconfig``, ``inventory.yml`` and ``lab.json`` into the state dir, and answers a control
+socket (``<state dir>/control.sock``: one JSON request per line, one JSON answer per line)
+through which ``python -m lab break/fix/status/down`` act on the running fleet.
+
+Started by ``python -m lab up`` (see lab/cli.py); ``python -m lab daemon ...`` runs it in the
+foreground.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from lab.contracts import NodeSpec
+
+LOG = logging.getLogger("lab.daemon")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAB_LIB_DIR = os.path.join(REPO, ".build", "lab", "lib")
+GPU_LABEL = "nvidia.com/gpu.present"
+MAINTENANCE_TAINT = {"key": "gpu-maintenance", "value": "true", "effect": "NoSchedule"}
+API_FAULTS = ("daemonset_missing", "label_missing", "taint_untolerated")
+SCENARIOS = ("healthy", "demo")
+DEFAULT_NODES = {"healthy": 4, "demo": 4}
+CLUSTER_TARGETS = ("cluster", "-")
+
+
+def node_names(count: int) -> List[str]:
+    width = max(2, len(str(count)))
+    return ["gpu-node-%0*d" % (width, i) for i in range(1, count + 1)]
+
+
+def plan_scenario(scenario: str, count: Optional[int], gpus: int) -> Tuple[List[NodeSpec], List[Tuple[str, str, Dict[str, Any]]]]:
+    """The nodes of a scenario and the faults (node, fault, args) to set once they exist."""
+    if scenario not in SCENARIOS:
+        raise ValueError("unknown scenario %r (known: %s)" % (scenario, ", ".join(SCENARIOS)))
+    if scenario == "demo":
+        if count not in (None, 4):
+            raise ValueError("scenario demo has exactly 4 nodes (got --nodes %d)" % count)
+        count = 4
+    count = DEFAULT_NODES[scenario] if count is None else count
+    if count < 1:
+        raise ValueError("--nodes must be at least 1")
+    specs = [NodeSpec(name=n, root="", gpu_count=gpus, labels={GPU_LABEL: "true"}) for n in node_names(count)]
+    faults: List[Tuple[str, str, Dict[str, Any]]] = []
+    if scenario == "demo":
+        # 01 healthy; 02 lacks the scheduling label; 03's plugin crash-loops until its pod is
+        # deleted; 04's kubelet restarts right after the plugin registers and the plugin does
+        # not register again (stale) until its pod is deleted.
+        specs[1].labels = {}
+        faults.append((specs[1].name, "label_missing", {}))
+        faults.append((specs[2].name, "plugin_crash", {"signature": "nvml_init_failed"}))
+        faults.append((specs[3].name, "plugin_stale", {}))
+        faults.append((specs[3].name, "kubelet_restart", {"after": "register"}))
+    return specs, faults
+
+
+def _is_plugin_daemonset(ds: Dict[str, Any]) -> bool:
+    name = (ds.get("metadata") or {}).get("name", "")
+    containers = (((ds.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+    images = " ".join(str(c.get("image", "")) for c in containers)
+    return "nvidia-device-plugin" in name or "k8s-device-plugin" in images
+
+
+class LabDaemon:
+    def __init__(self, state_dir: str, nodes: Optional[int] = None, scenario: str = "healthy",
+                 api_only: bool = False, gpus: int = 8, crash_backoff: Tuple[float, float] = (0.3, 2.0),
+                 endpoint_grace_s: float = 300.0) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.scenario = scenario
+        self.api_only = api_only
+        self.gpus = gpus
+        self.specs, self.initial_faults = plan_scenario(scenario, nodes, gpus)
+        self.crash_backoff = crash_backoff
+        self.endpoint_grace_s = endpoint_grace_s
+        self.fleet: Any = None
+        self.api: Any = None
+        self.api_faults: Dict[str, Dict[str, Any]] = {}  # "node/fault" -> args (what fix restores)
+        self._saved_daemonsets: List[Dict[str, Any]] = []
+        self._control: Optional[socketserver.BaseServer] = None
+        self._stop = threading.Event()
+        self.started_at = 0.0
+        self.ready_s = 0.0
+
+    # ---- paths -------------------------------------------------------------------------------
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.state_dir, name)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from lab.apiserver import LabApiServer
+
+        self.started_at = time.time()
+        os.makedirs(self.state_dir, exist_ok=True)
+        for stale in ("lab.json", "control.sock"):
+            try:
+                os.unlink(self.path(stale))
+            except FileNotFoundError:
+                pass
+        self._discard_old_nodes()
+        if not self.api_only:
+            from lab.node import NodeFleet
+
+            for spec in self.specs:
+                spec.root = os.path.join(self.state_dir, "nodes", spec.name)
+            self.fleet = NodeFleet(
+                self.state_dir, crash_backoff=self.crash_backoff, endpoint_grace_s=self.endpoint_grace_s
+            ).start()
+        self.api = LabApiServer(self.path("api"), runtime=self.fleet).start()
+        self.api.store.add_nodes(self.specs)
+        if self.fleet is not None:
+            self.fleet.hooks = self.api.store
+            self.fleet.add_nodes(self.specs)
+        for node, fault, args in self.initial_faults:
+            self.break_fault(node, fault, dict(args), initial=True)
+        self.api.write_kubeconfig(self.path("kubeconfig"))
+        self._write_inventory()
+        self._start_control()
+        self.ready_s = time.time() - self.started_at
+        self._write_lab_json()
+        LOG.info("lab up: %d nodes (%s) in %.2fs", len(self.specs), self.scenario, self.ready_s)
+
+    def _discard_old_nodes(self) -> None:
+        """Move the last run's node roots aside and delete them in the background (slow on
+        some filesystems, and not needed before the new fleet is up)."""
+        old = self.path("nodes")
+        if os.path.exists(old):
+            os.rename(old, self.path("nodes.old.%d.%d" % (os.getpid(), time.time_ns())))
+        trash = [self.path(n) for n in os.listdir(self.state_dir) if n.startswith("nodes.old.")]
+
+        def remove() -> None:
+            for path in trash:
+                shutil.rmtree(path, ignore_errors=True)
+
+        if trash:
+            threading.Thread(target=remove, name="lab-cleanup", daemon=True).start()
+
+    def stop(self) -> None:
+        if self._control is not None:
+            self._control.shutdown()
+            self._control.server_close()
+            self._control = None
+        try:
+            os.unlink(self.path("control.sock"))
+        except FileNotFoundError:
+            pass
+        if self.api is not None:
+            self.api.stop()  # first: its DaemonSet controller starts no more plugin pods
+        if self.fleet is not None:
+            self.fleet.stop()
+
+    def serve_forever(self) -> None:
+        while not self._stop.wait(1.0):
+            pass
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ---- outputs ----------------------------------------------------------------------------
+
+    def _write_inventory(self) -> None:
+        hosts: Dict[str, Any] = {}
+        kubeconfig = self.path("kubeconfig")
+        for spec in self.specs:
+            host: Dict[str, Any] = {
+                "ansible_connection": "local",
+                "ansible_python_interpreter": sys.executable,
+                "gpunode_kubeconfig": kubeconfig,
+            }
+            if self.fleet is not None:
+                layout = self.fleet.layout(spec.name)
+                host["gpunode_node_root"] = layout.root
+                host["gpunode_node_environment"] = {
+                    "LD_LIBRARY_PATH": LAB_LIB_DIR,
+                    "GPUNODE_LAB_NVML_STATE": layout.nvml_state,
+                }
+            hosts[spec.name] = host
+        inventory = {
+            "all": {
+                "children": {
+                    "gpu_nodes": {
+                        "hosts": hosts,
+                        "vars": {"gpunode_expected_gpu_count": self.gpus, "gpunode_lab": True,
+                                 "gpunode_lab_api_only": self.api_only},
+                    }
+                }
+            }
+        }
+        _write_atomic(self.path("inventory.yml"), yaml.safe_dump(inventory, default_flow_style=False, sort_keys=False))
+
+    def _write_lab_json(self) -> None:
+        document = {
+            "ready": True,
+            "state_dir": self.state_dir,
+            "url": self.api.url,
+            "token": self.api.token,
+            "kubeconfig": self.path("kubeconfig"),
+            "inventory": self.path("inventory.yml"),
+            "control_socket": self.path("control.sock"),
+            "pids": {"daemon": os.getpid()},
+            "pgid": os.getpgrp(),
+            "scenario": self.scenario,
+            "api_only": self.api_only,
+            "gpus_per_node": self.gpus,
+            "nodes": [s.name for s in self.specs],
+            "node_roots": {s.name: s.root for s in self.specs} if self.fleet is not None else {},
+            "nvml_library_dir": LAB_LIB_DIR,
+            "started_at": self.started_at,
+            "up_seconds": round(self.ready_s, 3),
+        }
+        _write_atomic(self.path("lab.json"), json.dumps(document, indent=2) + "\n")
+
+    # ---- faults -----------------------------------------------------------------------------
+
+    @staticmethod
+    def fault_names() -> List[str]:
+        from lab.node.faults import runtime_fault_names
+
+        return runtime_fault_names() + list(API_FAULTS)
+
+    def _check_node(self, node: str) -> None:
+        if node not in {s.name for s in self.specs}:
+            raise ValueError("no node %r in this lab (nodes: %s)" % (node, ", ".join(s.name for s in self.specs)))
+
+    def break_fault(self, node: str, fault: str, args: Dict[str, Any], initial: bool = False) -> Dict[str, Any]:
+        if fault in API_FAULTS:
+            return self._api_fault(node, fault, args, broken=True, initial=initial)
+        if self.fleet is None:
+            raise ValueError("fault %s needs the node runtime; this lab is --api-only (API faults: %s)"
+                             % (fault, ", ".join(API_FAULTS)))
+        self._check_node(node)
+        return self.fleet.break_fault(node, fault, **args)
+
+    def fix_fault(self, node: str, fault: str, args: Dict[str, Any]) -> Dict[str, Any]:
+        if fault in API_FAULTS:
+            return self._api_fault(node, fault, args, broken=False)
+        if self.fleet is None:
+            raise ValueError("fault %s needs the node runtime; this lab is --api-only" % fault)
+        self._check_node(node)
+        return self.fleet.fix_fault(node, fault, **args)
+
+    def _api_fault(self, node: str, fault: str, args: Dict[str, Any], broken: bool, initial: bool = False) -> Dict[str, Any]:
+        store = self.api.store
+        if fault == "daemonset_missing":
+            key = "cluster/%s" % fault
+            if broken:
+                removed = []
+                for ds in store.list_objects("apps/v1", "DaemonSet"):
+                    if not _is_plugin_daemonset(ds):
+                        continue
+                    meta = ds["metadata"]
+                    store.delete_object("apps/v1", "DaemonSet", meta.get("namespace"), meta["name"])
+                    self._saved_daemonsets.append(_recreatable(ds))
+                    removed.append("%s/%s" % (meta.get("namespace"), meta["name"]))
+                if not removed:
+                    raise ValueError("no device plugin DaemonSet is deployed: nothing to delete")
+                self.api_faults[key] = {"deleted": removed}
+                return {"deleted": removed}
+            restored = []
+            for body in self._saved_daemonsets:
+                meta = body["metadata"]
+                if store.get_object("apps/v1", "DaemonSet", meta.get("namespace"), meta["name"]) is None:
+                    store.create_object(body)
+                    restored.append("%s/%s" % (meta.get("namespace"), meta["name"]))
+            self._saved_daemonsets = []
+            self.api_faults.pop(key, None)
+            return {"restored": restored}
+        self._check_node(node)
+        key = "%s/%s" % (node, fault)
+        if fault == "label_missing":
+            label = str(args.get("label", GPU_LABEL))
+            if not initial:
+                value = None if broken else str(args.get("value", "true"))
+                store.patch_object("v1", "Node", None, node, {"metadata": {"labels": {label: value}}})
+            if broken:
+                self.api_faults[key] = {"label": label}
+            else:
+                self.api_faults.pop(key, None)
+            return {}
+        if fault == "taint_untolerated":
+            taint = {
+                "key": str(args.get("key", MAINTENANCE_TAINT["key"])),
+                "value": str(args.get("value", MAINTENANCE_TAINT["value"])),
+                "effect": str(args.get("effect", MAINTENANCE_TAINT["effect"])),
+            }
+            current = store.get_object("v1", "Node", None, node) or {}
+            taints = [t for t in (current.get("spec") or {}).get("taints") or [] if t.get("key") != taint["key"]]
+            if broken:
+                taints.append(taint)
+                self.api_faults[key] = taint
+            else:
+                self.api_faults.pop(key, None)
+            store.patch_object("v1", "Node", None, node, {"spec": {"taints": taints or None}})
+            return {}
+        raise ValueError("unknown API fault %r" % fault)
+
+    # ---- status -----------------------------------------------------------------------------
+
+    def _prune_api_faults(self, api_nodes: Dict[str, Dict[str, Any]], daemonsets: List[Dict[str, Any]]) -> None:
+        """Forget API faults someone (e.g. the collection) has repaired through the API."""
+        for key, args in list(self.api_faults.items()):
+            node_name, fault = key.split("/", 1)
+            node = api_nodes.get(node_name) or {}
+            if fault == "label_missing":
+                holds = args.get("label", GPU_LABEL) not in ((node.get("metadata") or {}).get("labels") or {})
+            elif fault == "taint_untolerated":
+                holds = any(t.get("key") == args.get("key") for t in (node.get("spec") or {}).get("taints") or [])
+            else:
+                holds = not any(_is_plugin_daemonset(d) for d in daemonsets)
+            if not holds:
+                del self.api_faults[key]
+
+    def status(self) -> Dict[str, Any]:
+        store = self.api.store
+        runtime = self.fleet.status() if self.fleet is not None else {}
+        api_nodes = {n["metadata"]["name"]: n for n in store.list_objects("v1", "Node")}
+        all_daemonsets = store.list_objects("apps/v1", "DaemonSet")
+        self._prune_api_faults(api_nodes, all_daemonsets)
+        nodes = {}
+        for api_node in api_nodes.values():
+            name = api_node["metadata"]["name"]
+            status = api_node.get("status") or {}
+            ready = next((c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"), "Unknown")
+            entry = {
+                "ready": ready == "True",
+                "gpu_label": (api_node["metadata"].get("labels") or {}).get(GPU_LABEL),
+                "taints": ["%s=%s:%s" % (t.get("key"), t.get("value", ""), t.get("effect")) for t in (api_node.get("spec") or {}).get("taints") or []],
+                "capacity": (status.get("capacity") or {}).get("nvidia.com/gpu"),
+                "allocatable": (status.get("allocatable") or {}).get("nvidia.com/gpu"),
+                "api_faults": sorted(k.split("/", 1)[1] for k in self.api_faults if k.startswith(name + "/")),
+            }
+            entry.update(runtime.get(name, {}))
+            nodes[name] = entry
+        pods = []
+        for pod in store.list_objects("v1", "Pod"):
+            meta = pod["metadata"]
+            statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
+            state = statuses[0].get("state") or {}
+            phase = (pod.get("status") or {}).get("phase", "")
+            reason = ((state.get("waiting") or {}).get("reason")) or phase
+            pods.append({
+                "namespace": meta.get("namespace"),
+                "name": meta["name"],
+                "node": (pod.get("spec") or {}).get("nodeName"),
+                "status": reason,
+                "restarts": statuses[0].get("restartCount", 0),
+            })
+        daemonsets = ["%s/%s" % (d["metadata"].get("namespace"), d["metadata"]["name"]) for d in all_daemonsets]
+        return {
+            "state_dir": self.state_dir,
+            "url": self.api.url,
+            "scenario": self.scenario,
+            "api_only": self.api_only,
+            "nodes": nodes,
+            "pods": pods,
+            "daemonsets": daemonsets,
+            "cluster_faults": sorted(k.split("/", 1)[1] for k in self.api_faults if k.startswith("cluster/")),
+        }
+
+    # ---- control socket ---------------------------------------------------------------------
+
+    def handle(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        op = request.get("op")
+        try:
+            if op == "ping":
+                return {"ok": True, "pid": os.getpid()}
+            if op == "status":
+                return {"ok": True, "status": self.status()}
+            if op == "faults":
+                return {"ok": True, "faults": self.fault_names()}
+            if op in ("break", "fix"):
+                node, fault = str(request.get("node", "")), str(request.get("fault", ""))
+                args = dict(request.get("args") or {})
+                if fault not in self.fault_names():
+                    raise ValueError("unknown fault %r (known: %s)" % (fault, ", ".join(self.fault_names())))
+                if node in CLUSTER_TARGETS and fault != "daemonset_missing":
+                    raise ValueError("fault %s needs a node name" % fault)
+                call = self.break_fault if op == "break" else self.fix_fault
+                return {"ok": True, "result": call(node, fault, args)}
+            if op == "stop":
+                threading.Thread(target=self.request_stop, daemon=True).start()
+                return {"ok": True}
+            return {"ok": False, "error": "unknown op %r" % op}
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
+            LOG.info("control %s failed: %s", op, exc)
+            return {"ok": False, "error": str(exc)}
+
+    def _start_control(self) -> None:
+        daemon = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                for raw in self.rfile:
+                    try:
+                        request = json.loads(raw)
+                    except ValueError:
+                        answer: Dict[str, Any] = {"ok": False, "error": "not JSON"}
+                    else:
+                        answer = daemon.handle(request)
+                    self.wfile.write((json.dumps(answer) + "\n").encode())
+                    self.wfile.flush()
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        path = self.path("control.sock")
+        self._control = Server(path, Handler)
+        threading.Thread(target=self._control.serve_forever, name="lab-control", daemon=True).start()
+
+
+def _recreatable(obj: Dict[str, Any]) -> Dict[str, Any]:
+    meta = {k: v for k, v in obj["metadata"].items()
+            if k in ("name", "namespace", "labels", "annotations")}
+    body = {"apiVersion": obj.get("apiVersion", "apps/v1"), "kind": obj.get("kind", "DaemonSet"),
+            "metadata": meta, "spec": obj.get("spec")}
+    return body
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = "%s.tmp" % path
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def control_request(state_dir: str, request: Dict[str, Any], timeout: float = 60.0) -> Dict[str, Any]:
+    """Send one request to a running daemon's control socket."""
+    path = os.path.join(state_dir, "control.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall((json.dumps(request) + "\n").encode())
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data or b'{"ok": false, "error": "no answer"}')
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab daemon", description="run the lab daemon in the foreground")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--nodes", type=int)
+    parser.add_argument("--scenario", default="healthy", choices=SCENARIOS)
+    parser.add_argument("--api-only", action="store_true")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--endpoint-grace", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC loads: no INFO lines in daemon.log
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    daemon = LabDaemon(args.state_dir, args.nodes, args.scenario, args.api_only, args.gpus,
+                       endpoint_grace_s=args.endpoint_grace)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: daemon.request_stop())
+    try:
+        daemon.start()
+    except Exception:
+        LOG.exception("lab daemon failed to start")
+        daemon.stop()
+        return 1
+    daemon.serve_forever()
+    LOG.info("lab daemon stopping")
+    daemon.stop()
+    LOG.info("lab daemon stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
