@@ -254,6 +254,17 @@ def cmd_fault(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_action(args: argparse.Namespace) -> int:
+    answer = _request(os.path.abspath(args.state_dir), {"op": "node_action", "node": args.node, "action": args.action})
+    if answer is None:
+        return EXIT_NOT_RUNNING
+    if not answer.get("ok"):
+        print("lab node-action: %s" % answer.get("error"), file=sys.stderr)
+        return 1
+    print("lab node-action: %s %s: %s" % (args.node, args.action, ", ".join((answer.get("result") or {}).get("done") or ["nothing to do"])))
+    return 0
+
+
 def cmd_faults(args: argparse.Namespace) -> int:
     from lab.node.faults import runtime_fault_names
 
@@ -348,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "break":
             p.add_argument("--sticky", action="store_true", help="plugin faults: survive the deletion of the plugin pod")
         p.set_defaults(func=cmd_fault)
+
+    action = with_state_dir(sub.add_parser("node-action", help="what a node's OS does for a remediation command"))
+    action.add_argument("node")
+    action.add_argument("action", help="load_kernel_modules, start_persistenced, configure_runtime, restart_runtime, "
+                                       "restart_kubelet, reboot")
+    action.set_defaults(func=cmd_node_action)
 
     faults = with_state_dir(sub.add_parser("faults", help="list fault names"))
     faults.set_defaults(func=cmd_faults)

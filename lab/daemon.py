@@ -182,7 +182,6 @@ class LabDaemon:
             host: Dict[str, Any] = {
                 "ansible_connection": "local",
                 "ansible_python_interpreter": sys.executable,
-                "gpunode_kubeconfig": kubeconfig,
             }
             if self.fleet is not None:
                 layout = self.fleet.layout(spec.name)
@@ -192,8 +191,18 @@ class LabDaemon:
                     "GPUNODE_LAB_NVML_STATE": layout.nvml_state,
                 }
             hosts[spec.name] = host
+        lab = "%s -m lab --state-dir %s node-action {{ inventory_hostname }} " % (sys.executable, self.state_dir)
         inventory = {
             "all": {
+                # implicit localhost takes `all` vars too: the API plays find the kubeconfig
+                "vars": {
+                    "gpunode_kubeconfig": kubeconfig,
+                    # node-side modules run with the lab's Python; node_env only verifies it
+                    "gpunode_node_python": sys.executable,
+                    # remediation commands: the lab's stand-ins for modprobe, systemctl, reboot
+                    "gpunode_become": False,
+                    "gpunode_commands": {action: lab + action for action in NODE_ACTIONS},
+                },
                 "children": {
                     "gpu_nodes": {
                         "hosts": hosts,
@@ -255,6 +264,31 @@ class LabDaemon:
             raise ValueError("fault %s needs the node runtime; this lab is --api-only" % fault)
         self._check_node(node)
         return self.fleet.fix_fault(node, fault, **args)
+
+    def node_action(self, node: str, action: str) -> Dict[str, Any]:
+        """What the node's OS would do for a remediation command (modprobe, systemctl, reboot).
+
+        The collection runs these through its `gpunode_commands` variable; the lab inventory points
+        them at `python -m lab node-action NODE ACTION`.
+        """
+        if self.fleet is None:
+            raise ValueError("node actions need the node runtime; this lab is --api-only")
+        self._check_node(node)
+        if action not in NODE_ACTIONS:
+            raise ValueError("unknown node action %r (known: %s)" % (action, ", ".join(NODE_ACTIONS)))
+        done: List[str] = []
+        for fault in NODE_ACTIONS[action]:
+            self.fleet.fix_fault(node, fault)
+            done.append("cleared " + fault)
+        if action in ("restart_kubelet", "reboot"):
+            running = (self.fleet.status().get(node) or {}).get("kubelet", {})
+            if isinstance(running, dict) and running.get("running") is False:
+                self.fleet.start_kubelet(node)
+                done.append("kubelet started")
+            else:
+                self.fleet.restart_kubelet(node)
+                done.append("kubelet restarted")
+        return {"action": action, "done": done}
 
     def _api_fault(self, node: str, fault: str, args: Dict[str, Any], broken: bool, initial: bool = False) -> Dict[str, Any]:
         store = self.api.store
@@ -394,6 +428,9 @@ class LabDaemon:
                     raise ValueError("fault %s needs a node name" % fault)
                 call = self.break_fault if op == "break" else self.fix_fault
                 return {"ok": True, "result": call(node, fault, args)}
+            if op == "node_action":
+                return {"ok": True, "result": self.node_action(str(request.get("node", "")),
+                                                               str(request.get("action", "")))}
             if op == "stop":
                 threading.Thread(target=self.request_stop, daemon=True).start()
                 return {"ok": True}
@@ -423,6 +460,17 @@ class LabDaemon:
         path = self.path("control.sock")
         self._control = Server(path, Handler)
         threading.Thread(target=self._control.serve_forever, name="lab-control", daemon=True).start()
+
+
+# Remediation commands of the collection and the lab faults each one clears on a node.
+NODE_ACTIONS: Dict[str, List[str]] = {
+    "load_kernel_modules": ["driver_not_loaded"],
+    "start_persistenced": ["persistence_off"],
+    "configure_runtime": ["runtime_missing_nvidia"],
+    "restart_runtime": [],
+    "restart_kubelet": ["kubelet_down"],
+    "reboot": ["driver_library_mismatch", "driver_not_loaded", "kubelet_down"],
+}
 
 
 def _recreatable(obj: Dict[str, Any]) -> Dict[str, Any]:

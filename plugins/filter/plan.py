@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: (c) 2026, gpunode.bringup contributors
-# Apache License 2.0 (see LICENSE)
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Filters of the ordered plan: evaluate a node's evidence, summarize it, render the fleet table."""
 
 from __future__ import absolute_import, division, print_function

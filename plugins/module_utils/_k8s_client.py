@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: (c) 2026, gpunode.bringup contributors
-# Apache License 2.0 (see LICENSE)
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # Private to the gpunode.bringup collection; not a public API.
 """The one Kubernetes client factory of the collection, with bounded retries and one error family.
 

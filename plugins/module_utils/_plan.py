@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: (c) 2026, gpunode.bringup contributors
-# Apache License 2.0 (see LICENSE)
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # Private to the gpunode.bringup collection; not a public API.
 """The ordered plan as data, and the pure functions that evaluate it.
 
@@ -196,9 +196,14 @@ def evaluate(steps: List[Step], facts: Dict[str, Any], policy: Policy) -> Evalua
 
 
 def busy_pods(facts: Dict[str, Any]) -> List[str]:
-    """Pods holding GPUs on the node (from the probe's pod-resources List)."""
+    """Pods holding GPUs on the node (from the probe's pod-resources List). When the probe could
+    not tell (pod-resources unreachable, no checkpoint), the node counts as busy: a disruptive
+    action is never taken on a guess."""
     probe = facts.get("probe") or {}
-    pods = probe.get("pods_with_devices") or probe.get("gpu_pods") or []
+    usage = probe.get("gpu_usage")
+    if not probe or (isinstance(usage, dict) and usage.get("in_use") is None):
+        return ["(unknown: the kubelet's pod-resources API could not be read)"]
+    pods = probe.get("pods_with_devices") or []
     names = []
     for pod in pods:
         if isinstance(pod, dict):

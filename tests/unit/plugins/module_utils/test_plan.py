@@ -18,7 +18,7 @@ DEFAULTS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "role
 @pytest.fixture(scope="module")
 def plan():
     with open(DEFAULTS) as handle:
-        return yaml.safe_load(handle)["gpunode_plan_steps"]
+        return yaml.safe_load(handle)["gpu_node_plan_steps"]
 
 
 def finding(code, severity="error", action=None):
@@ -33,7 +33,8 @@ def facts(fleet=(), nvml=(), runtime=(), probe=(), workload=None, workload_check
         "fleet": {"findings": list(fleet)},
         "nvml": {"findings": list(nvml), "gpu_count": 8, "driver_version": "550.54.15"},
         "runtime": {"findings": list(runtime)},
-        "probe": {"findings": list(probe), "pods_with_devices": list(pods)},
+        "probe": {"findings": list(probe), "pods_with_devices": list(pods),
+                  "gpu_usage": {"in_use": bool(pods)}},
         "workload": workload,
     }
 
@@ -114,6 +115,13 @@ def test_disruptive_policy(plan, policy, pods, allowed, needle):
     assert evaluation.proposal.allowed is allowed
     if needle:
         assert needle in evaluation.proposal.refused
+
+
+def test_unknown_gpu_usage_counts_as_busy(plan):
+    node = facts(nvml=[finding("driver_library_mismatch")])
+    node["probe"]["gpu_usage"] = {"in_use": None}
+    evaluation = _plan.evaluate(_plan.parse_steps(plan), node, _plan.Policy(allow_disruptive=True))
+    assert not evaluation.proposal.allowed and "unknown" in evaluation.proposal.refused
 
 
 def test_safe_remediation_off_in_verify(plan):
