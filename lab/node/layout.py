@@ -125,7 +125,7 @@ def containerd_config_text(layout: NodeLayout, with_nvidia: bool = True) -> str:
             '          runtime_type = "io.containerd.runc.v2"',
             "",
             "          [%s.containerd.runtimes.nvidia.options]" % cri,
-            '            BinaryName = "%s"' % layout.nvidia_runtime_binary,
+            '            BinaryName = "%s"' % ("/" + NVIDIA_RUNTIME_BINARY),  # as the node sees it
             "            SystemdCgroup = true",
             "",
         ]

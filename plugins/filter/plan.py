@@ -7,12 +7,25 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+from collections.abc import Mapping
+
 from ansible.errors import AnsibleFilterError
 from ansible_collections.gpunode.bringup.plugins.module_utils import _plan
 from ansible_collections.gpunode.bringup.plugins.module_utils._errors import GpuNodeError
 
 
+def _plain(value):
+    """Plain dicts and lists (templated containers are lazy in ansible-core 2.19 and cannot be
+    rebuilt by type, as dataclasses.asdict does)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def gpu_plan_evaluate(facts, steps, site_checks=None, policy=None):
+    facts, steps, site_checks, policy = _plain(facts), _plain(steps), _plain(site_checks), _plain(policy)
     try:
         parsed = _plan.parse_steps(list(steps or []), list(site_checks or []))
         raw = dict(policy or {})
@@ -28,8 +41,8 @@ def gpu_plan_evaluate(facts, steps, site_checks=None, policy=None):
 
 
 def gpu_plan_summary(rounds, node, actions=None, check_mode=False, skipped_reason=None):
-    rounds = list(rounds or [])
-    actions = list(actions or [])
+    rounds = _plain(list(rounds or []))
+    actions = _plain(list(actions or []))
     steps = _plan.merge_rounds(rounds, actions)
     proposal = rounds[-1].get("proposal") if rounds else None
     return _plan.summarize(str(node), steps, actions, proposal, bool(check_mode), skipped_reason)
@@ -37,20 +50,21 @@ def gpu_plan_summary(rounds, node, actions=None, check_mode=False, skipped_reaso
 
 def gpu_plan_step_names(steps, site_checks=None):
     try:
-        return [s.name for s in _plan.parse_steps(list(steps or []), list(site_checks or []))]
+        return [s.name for s in _plan.parse_steps(_plain(list(steps or [])), _plain(list(site_checks or [])))]
     except GpuNodeError as exc:
         raise AnsibleFilterError("gpu_plan_step_names: %s" % exc.msg)
 
 
 def gpu_report_table(reports, step_names):
-    return _plan.report_table([r for r in reports or [] if isinstance(r, dict) and r.get("node")], list(step_names))
+    return _plan.report_table([r for r in _plain(list(reports or [])) if isinstance(r, dict) and r.get("node")],
+                              list(step_names))
 
 
-def gpu_report_collect(hosts, hostvars, node_var="gpunode__node"):
+def gpu_report_collect(hosts, hostvars, node_var="gpu_node__node"):
     reports = []
     for host in hosts or []:
         facts = hostvars[host] if host in hostvars else {}
-        report = facts.get("gpunode_report")
+        report = _plain(facts.get("gpu_node_report"))
         if isinstance(report, dict) and report.get("node"):
             reports.append(report)
         else:
