@@ -98,11 +98,16 @@ def ansible_test_env() -> dict:
 
 
 def find_python(version: str) -> Path | None:
+    """A working python<version>: pyenv's installed versions first (their shims may not be
+    active), then PATH."""
+    candidates = sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob(version + ".*/bin/python" + version))
     found = shutil.which("python" + version)
     if found:
-        return Path(found)
-    for candidate in sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob(version + ".*/bin/python" + version)):
-        return candidate
+        candidates.append(Path(found))
+    for candidate in candidates:
+        ok = subprocess.run([str(candidate), "-c", "import sys"], capture_output=True, check=False).returncode == 0
+        if ok:
+            return candidate
     return None
 
 
