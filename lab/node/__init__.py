@@ -6,10 +6,13 @@ node layout do not.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .faults import CRASH_SIGNATURES, NODE_FAULTS, POD_FAULTS, nvml_faults, runtime_fault_names
 from .layout import NodeLayout, SocketPathTooLong, max_state_dir_length
+
+if TYPE_CHECKING:  # loaded lazily below; named here for readers and linters
+    from .runtime import FaultError, NodeFleet
 
 __all__ = [
     "CRASH_SIGNATURES",

@@ -71,7 +71,7 @@ def is_extended_resource_name(name: str) -> bool:
     and ``requests.<name>`` must be a qualified name."""
     if "/" not in name or "kubernetes.io/" in name or name.startswith("requests."):
         return False
-    prefix, _, short = ("requests." + name).rpartition("/")
+    prefix, _sep, short = ("requests." + name).rpartition("/")
     if not prefix or len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix):
         return False
     return 0 < len(short) <= 63 and bool(_QUALIFIED_NAME.match(short))
@@ -266,7 +266,8 @@ class Kubelet:
                     numa = device.topology.nodes[0].ID if device.HasField("topology") and device.topology.nodes else None
                     devices[device.ID] = DeviceState(health=device.health, numa_node=numa)
                 resource.devices = devices
-                self.log.info("manager.go:245", '"Processed ListAndWatch update" resourceName="%s" devices=%d healthy=%d' % (resource.name, len(devices), len(resource.healthy_ids())))
+                self.log.info("manager.go:245", '"Processed ListAndWatch update" resourceName="%s" devices=%d healthy=%d'
+                              % (resource.name, len(devices), len(resource.healthy_ids())))
                 self.write_checkpoint()
                 self.push_node_status(ready=True)
                 if first:

@@ -108,7 +108,7 @@ def _explicit_flags(container: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional
         flags["disable_healthchecks"] = env["DP_DISABLE_HEALTHCHECKS"]
     args = [str(a) for a in (container.get("command") or [])[1:]] + [str(a) for a in container.get("args") or []]
     for arg in args:
-        name, _, value = arg.lstrip("-").partition("=")
+        name, _sep, value = arg.lstrip("-").partition("=")
         if name == "mig-strategy":
             flags["mig_strategy"] = value
         elif name == "fail-on-init-error":

@@ -55,6 +55,7 @@ from .plugin_config import PluginConfig, load_config, plugin_container, runtime_
 LOG = logging.getLogger("lab.node")
 T = TypeVar("T")
 
+
 def rfc3339(when: float) -> str:
     return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
