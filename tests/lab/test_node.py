@@ -169,7 +169,10 @@ def test_node_tree_containerd_config_and_proc_version(fleet: NodeFleet) -> None:
     containerd = config["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
     assert config["version"] == 2
     assert containerd["default_runtime_name"] == "nvidia"
-    assert containerd["runtimes"]["nvidia"]["options"]["BinaryName"] == layout.nvidia_runtime_binary
+    # the config names the binary as the node sees it; the file lives under the node root
+    binary = containerd["runtimes"]["nvidia"]["options"]["BinaryName"]
+    assert binary == "/usr/bin/nvidia-container-runtime"
+    assert layout.nvidia_runtime_binary == os.path.join(layout.root, binary.lstrip("/"))
     assert os.access(layout.nvidia_runtime_binary, os.X_OK)
     assert containerd_has_nvidia(layout) == (True, True)
     with open(layout.proc_driver_version, encoding="utf-8") as handle:
