@@ -191,7 +191,9 @@ class LabDaemon:
                     "GPUNODE_LAB_NVML_STATE": layout.nvml_state,
                 }
             hosts[spec.name] = host
-        lab = "%s -m lab --state-dir %s node-action {{ inventory_hostname }} " % (sys.executable, self.state_dir)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        lab = "env PYTHONPATH=%s %s -m lab --state-dir %s node-action {{ inventory_hostname }} " % (
+            repo, sys.executable, self.state_dir)
         inventory = {
             "all": {
                 # implicit localhost takes `all` vars too: the API plays find the kubeconfig
