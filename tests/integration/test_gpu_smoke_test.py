@@ -1,0 +1,182 @@
+"""gpunode.bringup.gpu_smoke_test against the lab API server with its scheduler and kubelet
+stand-in for ordinary pods (``workloads=True``).
+
+gpu-a advertises one GPU; gpu-b advertises none, so a pod pinned there is Unschedulable
+(Insufficient nvidia.com/gpu). A small runtime runs the admitted smoke pods by image: lab/ok
+exits 0 with an nvidia-smi-like line, lab/fail exits 4, lab/hang outlives the module's timeout.
+Every pod the module creates must be gone when the task ends, whatever the outcome.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+for _path in (ROOT / ".build", ROOT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+pytest.importorskip("kubernetes")
+
+from lab.apiserver import LabApiServer  # noqa: E402
+from lab.contracts import NodeSpec  # noqa: E402
+
+VENV_BIN = ROOT / ".venv" / "bin"
+BIN = VENV_BIN if (VENV_BIN / "ansible-playbook").exists() else Path(sys.executable).parent
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+NS = "default"
+GPU = "nvidia.com/gpu"
+SMOKE_LABEL = "app.kubernetes.io/name=gpunode-smoke-test"
+HANG_S = 3.0
+
+
+class WorkloadStub:
+    """The node runtime for workload pods: runs the smoke container by its image."""
+
+    def __init__(self) -> None:
+        self.ran: List[str] = []
+
+    def run_workload_pod(self, node: str, pod: Dict[str, Any]) -> Tuple[int, str]:
+        self.ran.append(pod["metadata"]["name"])
+        image = pod["spec"]["containers"][0]["image"]
+        if image == "lab/fail":
+            return 4, "Failed to initialize NVML: Driver/library version mismatch\n"
+        if image == "lab/hang":
+            time.sleep(HANG_S)
+        return 0, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5d2c1f3e-0000-4000-8000-000000000001)\n"
+
+    # DaemonSet hooks (no DaemonSet in this test)
+    def start_plugin_pod(self, node: str, pod: Dict[str, Any]) -> None:
+        pass
+
+    def stop_plugin_pod(self, node: str, pod_name: str) -> None:
+        pass
+
+    def pod_log(self, node: str, pod_name: str, tail_lines: Any = None) -> str:
+        return ""
+
+
+class SmokePods:
+    """Records the smoke pods created and deleted (store listener)."""
+
+    def __init__(self, server: LabApiServer) -> None:
+        self.created: List[str] = []
+        self.deleted: List[str] = []
+        self.lock = threading.Lock()
+        server.store.add_listener(self.on_change)
+
+    def on_change(self, res: Any, etype: str, old: Any, new: Dict[str, Any]) -> None:
+        meta = new.get("metadata") or {}
+        if res.kind != "Pod" or (meta.get("labels") or {}).get("app.kubernetes.io/name") != "gpunode-smoke-test":
+            return
+        with self.lock:
+            if etype == "ADDED":
+                self.created.append(meta["name"])
+            elif etype == "DELETED":
+                self.deleted.append(meta["name"])
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("smoke")
+    runtime = WorkloadStub()
+    server = LabApiServer(str(base / "api"), runtime=runtime, workloads=True).start()
+    server.store.add_nodes([NodeSpec(name="gpu-a", root="", gpu_count=1), NodeSpec(name="gpu-b", root="", gpu_count=0)])
+    server.store.update_node_status("gpu-a", {GPU: "1"}, {GPU: "1"})  # the plugin registered one GPU
+    pods = SmokePods(server)
+    kubeconfig = server.write_kubeconfig(str(base / "kubeconfig"))
+    env = dict(os.environ)
+    env.update({
+        "ANSIBLE_HOME": str(base / "ansible-home"), "ANSIBLE_COLLECTIONS_PATH": str(ROOT / ".build"),
+        "ANSIBLE_REMOTE_TMP": str(base / "tmp"), "ANSIBLE_LOCAL_TEMP": str(base / "tmp"),
+        "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_PIPELINING": "1",
+        "K8S_AUTH_KUBECONFIG": kubeconfig,
+    })
+    env.pop("PYTHONPATH", None)
+    yield {"server": server, "runtime": runtime, "pods": pods, "base": base, "env": env}
+    server.stop()
+
+
+def run_tasks(lab: Dict[str, Any], tasks: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Run ``tasks`` in one playbook on localhost (each with ignore_errors) and return each
+    task's registered result by task name."""
+    base = lab["base"]
+    index = len(list(base.glob("play-*.json")))
+    results_file = base / ("results-%d.json" % index)
+    names = ["r%d" % i for i in range(len(tasks))]
+    play_tasks = [dict(task, register=name, ignore_errors=True) for task, name in zip(tasks, names)]
+    play_tasks.append({"name": "save results", "ansible.builtin.copy": {
+        "dest": str(results_file), "content": "{{ dict(names | zip(query('ansible.builtin.vars', *names))) | to_json }}"}})
+    path = base / ("play-%d.json" % index)  # JSON is YAML
+    path.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "vars": {"names": names},
+                                 "tasks": play_tasks}]))
+    proc = subprocess.run([str(BIN / "ansible-playbook"), "-e", "ansible_python_interpreter=" + PYTHON, str(path)],
+                          env=lab["env"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, "ansible-playbook failed:\n%s\n%s" % (proc.stdout[-4000:], proc.stderr[-4000:])
+    saved = json.loads(results_file.read_text())
+    return {task["name"]: saved[name] for task, name in zip(tasks, names)}
+
+
+def smoke_task(name: str, check_mode: bool = False, **args: Any) -> Dict[str, Any]:
+    task: Dict[str, Any] = {"name": name, "gpunode.bringup.gpu_smoke_test": dict({"node": "gpu-a"}, **args)}
+    if check_mode:
+        task["check_mode"] = True
+    return task
+
+
+def test_smoke_outcomes_and_the_pod_is_always_deleted(lab: Dict[str, Any]) -> None:
+    server, pods = lab["server"], lab["pods"]
+    server.reset_counters()
+    results = run_tasks(lab, [
+        smoke_task("check", True, image="lab/ok"),
+        smoke_task("passes", image="lab/ok"),
+        smoke_task("fails", image="lab/fail"),
+        smoke_task("unschedulable", node="gpu-b", image="lab/ok"),
+        smoke_task("hangs", image="lab/hang", timeout=1),
+        smoke_task("bad toleration", image="lab/ok", tolerations=[{"key": "x", "tolerationSeconds": "soon"}]),
+    ])
+
+    check = results["check"]
+    assert check["skipped"] and not check["changed"] and check["passed"] is None
+
+    passed = results["passes"]
+    assert not passed.get("failed"), passed.get("msg")
+    assert passed["passed"] is True and passed["changed"] is False and passed["outcome"] == "succeeded"
+    assert passed["phase"] == "Succeeded" and passed["container_state"]["terminated"]["exitCode"] == 0
+    assert passed["pod"]["node"] == "gpu-a" and passed["pod"]["name"].startswith("gpunode-smoke-")
+    assert [e["reason"] for e in passed["events"]] == ["Scheduled", "Pulled", "Created", "Started"]
+    assert passed["log"].startswith("GPU 0: NVIDIA H100") and passed["deleted"] is True
+
+    failed = results["fails"]
+    assert not failed.get("failed")  # a test that does not pass is reported, not raised
+    assert failed["passed"] is False and failed["outcome"] == "failed" and failed["reason"] == "Error"
+    assert failed["message"] == "exit code 4" and "did not succeed: failed" in failed["msg"]
+    assert "Driver/library version mismatch" in failed["log"]
+
+    unschedulable = results["unschedulable"]
+    assert unschedulable["passed"] is False and unschedulable["outcome"] == "unschedulable"
+    assert "Insufficient nvidia.com/gpu" in unschedulable["message"] and unschedulable["log"] is None
+    assert unschedulable["events"][-1]["reason"] == "FailedScheduling" and unschedulable["pod"]["node"] is None
+
+    hung = results["hangs"]
+    assert hung["passed"] is False and hung["outcome"] == "timeout" and hung["phase"] == "Running"
+    assert hung["message"] == "no final state within 1s" and 1 <= hung["duration"] < HANG_S
+    assert "running" in hung["container_state"]
+
+    bad = results["bad toleration"]
+    assert bad["failed"] and "tolerationSeconds" in bad["msg"] and "tolerations" in bad["action"]
+
+    ran = [results[name]["pod"]["name"] for name in ("passes", "fails", "unschedulable", "hangs")]
+    assert sorted(pods.created) == sorted(ran)  # check mode and bad input created nothing
+    assert sorted(pods.deleted) == sorted(ran)
+    assert server.store.list_objects("v1", "Pod", NS, SMOKE_LABEL) == []
+    assert server.count("create", "pods") == 5  # one dry run, four real
+    assert sorted(lab["runtime"].ran) == sorted(results[name]["pod"]["name"] for name in ("passes", "fails", "hangs"))
