@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 
 @dataclass
@@ -38,7 +38,11 @@ class NodeSpec:
 
 
 class NodeRuntime(Protocol):
-    """Implemented by lab/node/: called by the API server's DaemonSet controller and pod API."""
+    """Implemented by lab/node/: called by the API server's DaemonSet controller and pod API.
+
+    A runtime may also implement the optional methods of :class:`WorkloadRunner`; the API server
+    looks them up with ``getattr`` and works without them.
+    """
 
     def start_plugin_pod(self, node: str, pod: Dict[str, Any]) -> None:
         """A plugin pod (full API object) was bound to ``node``: start its plugin."""
@@ -48,6 +52,21 @@ class NodeRuntime(Protocol):
 
     def pod_log(self, node: str, pod_name: str, tail_lines: Optional[int] = None) -> str:
         """The plugin container's output so far (served as the pod log)."""
+
+
+class WorkloadRunner(Protocol):
+    """Optional NodeRuntime methods for ordinary (non-DaemonSet) pods, which the API server's
+    scheduler and kubelet stand-in run when ``LabApiServer(workloads=True)``."""
+
+    def run_workload_pod(self, node: str, pod: Dict[str, Any]) -> Tuple[int, str]:
+        """Run the containers of a workload pod admitted on ``node`` (``pod``: the full API object,
+        bound and Running, e.g. the collection's GPU smoke pod that runs ``nvidia-smi -L``) and
+        return ``(exit_code, log)``: exit code 0 makes the pod Succeeded (restartPolicy Never or
+        OnFailure), another makes it Failed with container reason Error; ``log`` is served as the
+        pod log. Called in a worker thread of the API server (blocking is fine, a few seconds at
+        most); the pod is Running for at least 0.2 s. An exception counts as exit code 1 with the
+        exception text as log. Without this method: exit code 0 and one line per requested GPU,
+        ``GPU <i>: lab GPU (UUID: GPU-...) (lab, no runtime)``."""
 
 
 class ClusterHooks(Protocol):

@@ -15,7 +15,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from lab.contracts import PluginPodStatus
 
-from . import objects
+from . import events, objects
 from .patch import copy
 from .resources import BY_PATH, Resource
 from .selectors import node_matches_affinity, untolerated_taints
@@ -26,6 +26,7 @@ PODS = BY_PATH[("", "v1", "pods")]
 NODES = BY_PATH[("", "v1", "nodes")]
 DAEMONSETS = BY_PATH[("apps", "v1", "daemonsets")]
 MANAGER = "kube-controller-manager"
+COMPONENT = "daemonset-controller"
 
 # k8s.io/kubernetes/pkg/controller/daemon/util.AddOrUpdateDaemonPodTolerations
 DS_TOLERATIONS = [
@@ -198,6 +199,10 @@ class DaemonSetController:
                 store.delete(PODS, key[0], key[1])
             except ApiError:
                 continue
+            owner = ds_by_uid.get(_owner_uid(p) or "")
+            if owner is not None:
+                events.record(store, DAEMONSETS, owner, "Normal", "SuccessfulDelete", "Deleted pod: %s" % key[1],
+                              COMPONENT)
             if node is not None:
                 stops.append((node, key[1]))
         starts: List[Tuple[str, dict]] = []
@@ -205,6 +210,8 @@ class DaemonSetController:
             pod = self._create_pod(ds, node_name, h, spec)
             if pod is not None:
                 starts.append((node_name, pod))
+                events.record(store, DAEMONSETS, ds, "Normal", "SuccessfulCreate",
+                              "Created pod: %s" % pod["metadata"]["name"], COMPONENT)
         for node_name, pod_name in stops:
             self._runtime_stop(node_name, pod_name)
         for node_name, pod in starts:

@@ -19,11 +19,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
+from . import rbac as rbac_mod
 from . import resources, tables
 from .controller import DaemonSetController
 from .resources import BY_PATH, Resource
 from .store import ApiError, Store, bad_request, typed
 from .tls import make_certs
+from .workloads import WorkloadController, is_daemon_pod
 
 LOG = logging.getLogger("lab.apiserver")
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
@@ -41,6 +43,8 @@ STATUS_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404:
                   410: "Gone", 422: "Invalid", 429: "TooManyRequests", 500: "InternalError",
                   503: "ServiceUnavailable", 504: "Timeout"}
 NOT_FOUND_PATH = ApiError(404, "NotFound", "the server could not find the requested resource", {})
+ADMIN = rbac_mod.Identity("kubernetes-admin")
+FORBIDDEN_LOG_SIZE = 200
 
 try:
     _YAML_LOADER: Any = yaml.CSafeLoader
@@ -201,17 +205,20 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             auth = self.headers.get("Authorization", "")
             public = method == "GET" and path in ("/version", "/healthz", "/livez", "/readyz")
-            if not public and not (auth.startswith("Bearer ") and auth[7:].strip() in lab.tokens):
+            ident = lab._identity(auth[7:].strip()) if auth.startswith("Bearer ") else None
+            if not public and ident is None:
                 raw = self._read_body()  # keep the connection usable
                 del raw
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             route = self._route(path)
             if route is None:
-                self._nonresource(method, path)
+                self._nonresource(method, path)  # discovery: every authenticated user (system:discovery)
                 return
             res, ns, name, sub = route
             verb = self._verb(method, name, query)
             counter_res = res.plural + ("/" + sub if sub else "")
+            if ident is not None and not ident.admin:
+                self._authorize(ident, verb, res, ns, name, sub, query)
             lab._count(verb, counter_res)
             raw = self._read_body()
             fault = lab._take_fault(verb, counter_res)
@@ -261,6 +268,23 @@ class _Handler(BaseHTTPRequestHandler):
         if name and res.namespaced and not ns:
             raise NOT_FOUND_PATH
         return res, ns, name, sub
+
+    def _authorize(self, ident: rbac_mod.Identity, verb: str, res: Resource, ns: Optional[str], name: Optional[str],
+                   sub: Optional[str], query: Dict[str, str]) -> None:
+        """RBAC: the request's attributes as the real request-info has them, checked against the
+        token's rules; a denial is answered 403 with the real Status body."""
+        authz_name = name or ""
+        if not authz_name and verb in ("list", "watch"):
+            authz_name = rbac_mod.name_from_field_selector(query.get("fieldSelector"))
+        authz_ns = (name if res.plural == "namespaces" and name else ns) or ""
+        if ident.allows(verb, res.group, res.plural, sub or "", authz_name, authz_ns):
+            return
+        self._read_body()  # keep the connection usable
+        err = rbac_mod.forbidden(ident.user, verb, res.group, res.plural, res.qualified, sub or "", authz_name,
+                                 authz_ns)
+        self.server.lab._count_forbidden(ident.user, verb, res.plural + ("/" + sub if sub else ""), authz_ns,
+                                         authz_name, err.message)
+        raise err
 
     @staticmethod
     def _verb(method: str, name: Optional[str], query: Dict[str, str]) -> str:
@@ -435,7 +459,9 @@ class _Handler(BaseHTTPRequestHandler):
             tail = int(query["tailLines"])
         node = (pod.get("spec") or {}).get("nodeName")
         text = ""
-        if lab.runtime is not None and node:
+        if lab.workloads.enabled and not is_daemon_pod(pod):
+            text = lab.workloads.pod_log(ns or "default", name, pod["metadata"].get("uid"))
+        elif lab.runtime is not None and node:
             try:
                 text = lab.runtime.pod_log(node, name, tail) or ""
             except Exception as exc:
@@ -523,23 +549,30 @@ class _Handler(BaseHTTPRequestHandler):
 class LabApiServer:
     """An in-process Kubernetes API server for the lab.
 
-    ``LabApiServer(state_dir, runtime=None, host="127.0.0.1", port=0)``; ``start()`` makes the
-    certificates under ``state_dir`` and starts serving; ``url``; ``store`` (ClusterHooks);
+    ``LabApiServer(state_dir, runtime=None, host="127.0.0.1", port=0, token=None,
+    list_item_typemeta=False, rbac=None, workloads=False)``; ``start()`` makes the certificates
+    under ``state_dir`` and starts serving; ``url``; ``store`` (ClusterHooks);
     ``write_kubeconfig(path, token=None)``; ``stop()``. Also a context manager.
+
+    ``rbac``: more bearer tokens, ``{token: rules}`` or ``{token: {"user": ..., "rules": [...]}}``
+    (see :meth:`add_token`). ``workloads``: schedule and run ordinary pods (see workloads.py).
     """
 
     def __init__(self, state_dir: str, runtime: Any = None, host: str = "127.0.0.1", port: int = 0,
-                 token: Optional[str] = None, list_item_typemeta: bool = False) -> None:
+                 token: Optional[str] = None, list_item_typemeta: bool = False,
+                 rbac: Optional[Dict[str, Any]] = None, workloads: bool = False) -> None:
         self.state_dir = state_dir
         self.runtime = runtime
         self.host = host
         self.port = port
         self.token = token or secrets.token_urlsafe(24)
-        self.tokens = {self.token}
+        self.tokens = {self.token}  # accepted tokens; one without an identity is an admin token
+        self._identities: Dict[str, rbac_mod.Identity] = {}
         # The real server omits apiVersion/kind on list items; True adds them (not faithful).
         self.list_item_typemeta = list_item_typemeta
         self.store = Store(runtime)
         self.controller = DaemonSetController(self.store, runtime)
+        self.workloads = WorkloadController(self.store, runtime, enabled=workloads)
         self.ca_file = self.cert_file = self.key_file = ""
         self._httpd: Optional[_HTTPServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -548,11 +581,61 @@ class LabApiServer:
         self._counts: Dict[Tuple[str, str], int] = collections.Counter()
         self._nonresource: Dict[str, int] = collections.Counter()
         self._faults: List[Fault] = []
+        self._forbidden: Dict[Tuple[str, str], int] = collections.Counter()
+        self._forbidden_log: collections.deque = collections.deque(maxlen=FORBIDDEN_LOG_SIZE)
+        for tok, spec in (rbac or {}).items():
+            if isinstance(spec, dict):
+                self.add_token(tok, spec.get("rules"), spec.get("user"))
+            else:
+                self.add_token(tok, spec)
 
     def attach_runtime(self, runtime: Any) -> None:
         """Set the node runtime after construction (it usually needs ``store`` first); call
         before ``start()``."""
-        self.runtime = self.store.runtime = self.controller.runtime = runtime
+        self.runtime = self.store.runtime = self.controller.runtime = self.workloads.runtime = runtime
+
+    def enable_workloads(self, enabled: bool = True) -> None:
+        """Switch the scheduler and kubelet stand-in for ordinary pods on or off (any time)."""
+        self.workloads.set_enabled(enabled)
+
+    # --- tokens and RBAC ----------------------------------------------------------------------
+    def add_token(self, token: Optional[str] = None, rules: Optional[List[Dict[str, Any]]] = None,
+                  user: Optional[str] = None) -> str:
+        """Accept another bearer token and return it (a random one when ``token`` is None).
+        ``rules`` None: an admin token (everything allowed); a list: only what these rules allow
+        (PolicyRule shape: apiGroups, resources, verbs, resourceNames, plus ``namespace`` for a
+        rule that applies in one namespace only); ``user``: the user name 403 messages show
+        (default ``lab-user``). Raises ValueError on a malformed rule."""
+        token = token or secrets.token_urlsafe(24)
+        if rules is None:
+            self._identities.pop(token, None)
+        else:
+            self._identities[token] = rbac_mod.Identity(user or "lab-user", rules)
+        self.tokens.add(token)
+        return token
+
+    def add_service_account_token(self, service_account: str, rbac_yaml: Optional[str] = None,
+                                  rules: Optional[List[Dict[str, Any]]] = None, token: Optional[str] = None) -> str:
+        """A token for ServiceAccount ``namespace:name`` (user ``system:serviceaccount:ns:name``)
+        with the rules an RBAC manifest binds to it (``rbac_yaml``) and/or ``rules``."""
+        bound = list(rules or [])
+        if rbac_yaml is not None:
+            bound += rbac_mod.rules_from_rbac_yaml(rbac_yaml, service_account)
+        return self.add_token(token, bound, rbac_mod.service_account_user(service_account))
+
+    def remove_token(self, token: str) -> None:
+        self.tokens.discard(token)
+        self._identities.pop(token, None)
+
+    def token_rules(self, token: str) -> Optional[List[Dict[str, Any]]]:
+        """The rules of a token (None: admin)."""
+        ident = self._identities.get(token)
+        return None if ident is None else list(ident.rule_dicts or [])
+
+    def _identity(self, token: str) -> Optional[rbac_mod.Identity]:
+        if token not in self.tokens:
+            return None
+        return self._identities.get(token, ADMIN)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> "LabApiServer":
@@ -566,6 +649,7 @@ class LabApiServer:
         self.port = self._httpd.server_address[1]
         self._stopping = False
         self.controller.start()
+        self.workloads.start()
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="lab-apiserver", daemon=True)
         self._thread.start()
@@ -580,6 +664,7 @@ class LabApiServer:
             self._httpd.server_close()
             self._httpd = None
         self.controller.stop()
+        self.workloads.stop()
 
     def __enter__(self) -> "LabApiServer":
         return self.start()
@@ -633,21 +718,50 @@ class LabApiServer:
         with self._lock:
             return sum(n for (verb, _r), n in self._counts.items() if verb in WRITE_VERBS)
 
+    def _count_forbidden(self, user: str, verb: str, resource: str, namespace: str, name: str,
+                         message: str) -> None:
+        with self._lock:
+            self._forbidden[(verb, resource)] += 1
+            self._forbidden_log.append({"user": user, "verb": verb, "resource": resource, "namespace": namespace,
+                                        "name": name, "message": message})
+
+    def forbidden_counts(self) -> Dict[Tuple[str, str], int]:
+        """Requests denied by RBAC (403) per (verb, resource) since the last reset."""
+        with self._lock:
+            return dict(self._forbidden)
+
+    def forbidden_count(self, verb: str, resource: str) -> int:
+        with self._lock:
+            return self._forbidden.get((verb, resource), 0)
+
+    def forbidden_requests(self) -> List[dict]:
+        """The last denied requests (at most 200): user, verb, resource, namespace, name, message."""
+        with self._lock:
+            return [dict(d) for d in self._forbidden_log]
+
     def reset_counters(self) -> None:
         with self._lock:
             self._counts.clear()
             self._nonresource.clear()
+            self._forbidden.clear()
+            self._forbidden_log.clear()
 
     def counters_document(self) -> dict:
         with self._lock:
             counts = dict(self._counts)
             nonres = dict(self._nonresource)
+            denied = dict(self._forbidden)
+            denied_log = [dict(d) for d in self._forbidden_log]
         by_verb: Dict[str, Dict[str, int]] = {}
         for (verb, res), n in sorted(counts.items()):
             by_verb.setdefault(verb, {})[res] = n
+        forbidden: Dict[str, Dict[str, int]] = {}
+        for (verb, res), n in sorted(denied.items()):
+            forbidden.setdefault(verb, {})[res] = n
         return {"requests": by_verb, "total": sum(counts.values()),
                 "writes": sum(n for (verb, _r), n in counts.items() if verb in WRITE_VERBS),
-                "nonResource": nonres, "resourceVersion": self.store.resource_version}
+                "nonResource": nonres, "forbidden": forbidden, "forbiddenRequests": denied_log,
+                "resourceVersion": self.store.resource_version}
 
     # --- faults -------------------------------------------------------------------------------
     def add_fault(self, verb: Optional[str] = None, resource: Optional[str] = None, kind: str = "500",

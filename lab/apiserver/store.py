@@ -431,7 +431,7 @@ class Store:
                 if status is not None:
                     new["status"] = status
                 new["metadata"] = meta = dict(old_meta)
-            elif res.has_status:
+            elif res.has_status and subresource != "binding":  # binding (scheduler): nodeName + status
                 if "status" in old:
                     new["status"] = old["status"]
                 else:
@@ -460,7 +460,7 @@ class Store:
                 meta.pop("managedFields")
             if _without_mf_time(new) == _without_mf_time(old):
                 return typed(res, old)
-            if subresource != "status":
+            if subresource not in ("status", "binding"):
                 causes = objects.validate(res.kind, new, old)
                 if causes:
                     raise invalid(res, name, causes)

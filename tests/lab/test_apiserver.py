@@ -441,6 +441,17 @@ def test_daemonset_label_matching_and_status(lab: Any, core: Any, apps: Any, run
     wait_for(lambda: "dsl-gpu-2" not in ds_pods(core, "dsl", "plugin"), what="pod removed")
     wait_for(lambda: victim in runtime.stopped(), what="runtime stop")
     wait_for(lambda: ds_status(apps, "dsl", "plugin").desired_number_scheduled == 3)
+    # the controller's Events on the DaemonSet, like daemonset-controller's
+    evs = core.list_namespaced_event("dsl", field_selector="involvedObject.kind=DaemonSet,involvedObject.name=plugin")
+    created = [e.message for e in evs.items if e.reason == "SuccessfulCreate"]
+    assert sorted(created) == sorted("Created pod: %s" % p for p in list(pods.values()) + [
+        ds_pods(core, "dsl", "plugin")["dsl-cpu-0"]])
+    deleted = [e for e in evs.items if e.reason == "SuccessfulDelete"]
+    assert [e.message for e in deleted] == ["Deleted pod: %s" % victim]
+    ev = deleted[0]
+    assert (ev.type, ev.source.component, ev.involved_object.api_version, ev.involved_object.namespace) == (
+        "Normal", "daemonset-controller", "apps/v1", "dsl")
+    assert ev.involved_object.uid == apps.read_namespaced_daemon_set("plugin", "dsl").metadata.uid
 
 
 def test_daemonset_zero_matching_nodes(lab: Any, core: Any, apps: Any) -> None:
@@ -747,6 +758,541 @@ def test_fault_slow_and_drop(lab: Any, core: Any) -> None:
     assert no_retry.read_node("node-0").metadata.name == "node-0"
     lab.clear_faults()
     assert raw_get(lab, "/lab/faults", token=None, method="POST", body={"kind": "bogus"})[0] == 400
+
+
+# --- ordinary pods: scheduler and kubelet (workloads=True) -------------------------------------------
+GPU = "nvidia.com/gpu"
+
+
+class WorkloadRuntime:
+    """Only ``run_workload_pod`` (the optional NodeRuntime method): by the pod's command."""
+
+    def __init__(self) -> None:
+        self.calls: List[tuple] = []
+
+    def start_plugin_pod(self, node: str, pod: Dict[str, Any]) -> None:
+        pass
+
+    def stop_plugin_pod(self, node: str, pod_name: str) -> None:
+        pass
+
+    def pod_log(self, node: str, pod_name: str, tail_lines: Optional[int] = None) -> str:
+        return ""
+
+    def run_workload_pod(self, node: str, pod: Dict[str, Any]) -> tuple:
+        self.calls.append((node, pod["metadata"]["name"], pod["status"]["phase"]))
+        command = pod["spec"]["containers"][0].get("command") or []
+        if command[:1] == ["crash"]:
+            raise RuntimeError("the runtime fell over")
+        if command[:1] == ["exit"]:
+            return int(command[1]), "failing on %s\n" % node
+        return 0, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0) on %s\n" % node
+
+
+@pytest.fixture(scope="module")
+def wl(tmp_path_factory: Any) -> Any:
+    """A second server with the scheduler and kubelet stand-in for ordinary pods, API-only nodes."""
+    state = tmp_path_factory.mktemp("workloads")
+    with LabApiServer(str(state), workloads=True) as server:
+        server.kubeconfig = server.write_kubeconfig(str(state / "kubeconfig"))
+        server.store.add_nodes([NodeSpec(name="cpu-%d" % i, root="/", gpu_count=0) for i in range(2)])
+        yield server
+
+
+@pytest.fixture(scope="module")
+def wcore(wl: Any) -> Any:
+    return k8s.CoreV1Api(make_api_client(wl.kubeconfig))
+
+
+def gpu_node(lab: Any, name: str, capacity: int, allocatable: Optional[int] = None,
+             labels: Optional[Dict[str, str]] = None) -> str:
+    lab.store.add_node(NodeSpec(name=name, root="/", labels=dict(labels or {})))
+    if capacity:
+        lab.store.update_node_status(name, {GPU: str(capacity)}, {GPU: str(capacity if allocatable is None
+                                                                           else allocatable)})
+    return name
+
+
+def smoke_pod(name: str, node: Optional[str] = None, pin: str = "nodeName", command: Optional[list] = None,
+              restart: str = "Never", selector: Optional[Dict[str, str]] = None, gpus: int = 1) -> dict:
+    """The collection's GPU smoke pod shape: pinned, tolerations, one GPU, restartPolicy Never."""
+    spec: Dict[str, Any] = {
+        "restartPolicy": restart, "tolerations": [{"key": GPU, "operator": "Exists"}],
+        "containers": [{"name": "smoke", "image": "nvcr.io/nvidia/cuda:12.4.1-base-ubuntu22.04",
+                        "command": command or ["nvidia-smi", "-L"], "resources": {"limits": {GPU: str(gpus)}}}]}
+    if node and pin == "nodeName":
+        spec["nodeName"] = node
+    elif node:
+        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}]}}}
+    if selector:
+        spec["nodeSelector"] = selector
+    return {"metadata": {"name": name, "labels": {"app.kubernetes.io/name": "gpunode-smoke-test"}}, "spec": spec}
+
+
+def phase(core: Any, name: str, ns: str = "default") -> str:
+    return core.read_namespaced_pod(name, ns).status.phase
+
+
+def pod_events(core: Any, name: str, ns: str = "default") -> List[Any]:
+    evs = core.list_namespaced_event(ns, field_selector="involvedObject.name=%s" % name).items
+    return sorted(evs, key=lambda e: e.metadata.name)
+
+
+def scheduled_condition(pod: Any) -> Any:
+    return next(c for c in pod.status.conditions or [] if c.type == "PodScheduled")
+
+
+def test_pinned_smoke_pod_succeeds_with_events_and_log(wl: Any, wcore: Any) -> None:
+    node = gpu_node(wl, "gpu-pin", 2)
+    t0 = time.monotonic()
+    wcore.create_namespaced_pod("default", smoke_pod("smoke-pin", node))
+    wait_for(lambda: phase(wcore, "smoke-pin") == "Succeeded", what="Succeeded")
+    assert time.monotonic() - t0 >= 0.2  # Running for a while first
+    pod = wcore.read_namespaced_pod("smoke-pin", "default")
+    cs = pod.status.container_statuses[0]
+    assert (cs.state.terminated.exit_code, cs.state.terminated.reason, cs.ready) == (0, "Completed", False)
+    assert pod.status.pod_ip and pod.status.host_ip and pod.status.start_time
+    conds = {c.type: (c.status, c.reason) for c in pod.status.conditions}
+    assert conds["Ready"] == ("False", "PodCompleted") and conds["PodScheduled"] == ("True", None)
+    evs = pod_events(wcore, "smoke-pin")
+    assert [e.reason for e in evs] == ["Pulled", "Created", "Started"]  # nodeName set: no scheduler
+    assert evs[1].message == "Created container: smoke" and evs[2].message == "Started container smoke"
+    assert evs[0].message == 'Container image "nvcr.io/nvidia/cuda:12.4.1-base-ubuntu22.04" already present on machine'
+    ev = evs[2]
+    assert (ev.type, ev.source.component, ev.source.host, ev.involved_object.kind, ev.involved_object.uid,
+            ev.involved_object.field_path) == ("Normal", "kubelet", node, "Pod", pod.metadata.uid,
+                                                 "spec.containers{smoke}")
+    log = wcore.read_namespaced_pod_log("smoke-pin", "default", container="smoke")
+    assert log.startswith("GPU 0: lab GPU (UUID: GPU-") and log.endswith("(lab, no runtime)\n")
+    assert len(log.splitlines()) == 1
+    # through kubectl too
+    if KUBECTL:
+        out = kubectl(wl, "get", "pod", "smoke-pin").stdout
+        assert "Completed" in out
+        assert kubectl(wl, "logs", "smoke-pin").stdout == log
+    wcore.delete_namespaced_pod("smoke-pin", "default")
+
+
+def test_smoke_pod_through_the_scheduler(wl: Any, wcore: Any) -> None:
+    node = gpu_node(wl, "gpu-aff", 4)
+    body = smoke_pod("", node, pin="affinity")
+    body["metadata"] = {"generateName": "gpunode-smoke-", "labels": body["metadata"]["labels"]}
+    name = wcore.create_namespaced_pod("default", body).metadata.name
+    wait_for(lambda: phase(wcore, name) == "Succeeded", what="Succeeded")
+    pod = wcore.read_namespaced_pod(name, "default")
+    assert pod.spec.node_name == node
+    evs = pod_events(wcore, name)
+    assert [e.reason for e in evs] == ["Scheduled", "Pulled", "Created", "Started"]
+    assert evs[0].message == "Successfully assigned default/%s to %s" % (name, node)
+    assert evs[0].source.component == "default-scheduler"
+    # the pod list by node, as the kubelet would see it
+    assert [p.metadata.name for p in wcore.list_pod_for_all_namespaces(
+        field_selector="spec.nodeName=%s" % node).items] == [name]
+    wcore.delete_namespaced_pod(name, "default")
+
+
+def test_pinned_pod_rejected_at_admission(wl: Any, wcore: Any) -> None:
+    gpu_node(wl, "gpu-zero", 8, allocatable=0)  # the plugin registered, all devices unhealthy
+    wcore.create_namespaced_pod("default", smoke_pod("smoke-zero", "gpu-zero"))
+    wait_for(lambda: phase(wcore, "smoke-zero") == "Failed", what="rejected")
+    pod = wcore.read_namespaced_pod("smoke-zero", "default")
+    message = ("Allocate failed due to requested number of devices unavailable for nvidia.com/gpu. "
+               "Requested: 1, Available: 0, which is unexpected")
+    assert pod.status.reason == "UnexpectedAdmissionError"
+    assert pod.status.message == "Pod was rejected: " + message
+    assert not pod.status.container_statuses
+    evs = pod_events(wcore, "smoke-zero")
+    assert [(e.type, e.reason, e.message, e.source.component) for e in evs] == [
+        ("Warning", "UnexpectedAdmissionError", message, "kubelet")]
+    # a node where no device plugin ever registered the resource
+    wcore.create_namespaced_pod("default", smoke_pod("smoke-cpu", "cpu-0"))
+    wait_for(lambda: phase(wcore, "smoke-cpu") == "Failed", what="rejected")
+    assert wcore.read_namespaced_pod("smoke-cpu", "default").status.message == (
+        "Pod was rejected: Allocate failed due to cannot allocate unregistered device nvidia.com/gpu, which is "
+        "unexpected")
+    if KUBECTL:
+        assert "UnexpectedAdmissionError" in kubectl(wl, "get", "pod", "smoke-zero").stdout
+    # a pod without GPU requests on a node without GPUs runs
+    plain = smoke_pod("plain", "cpu-0", command=["echo", "hi"], gpus=0)
+    plain["spec"]["containers"][0].pop("resources")
+    wcore.create_namespaced_pod("default", plain)
+    wait_for(lambda: phase(wcore, "plain") == "Succeeded", what="plain pod")
+    assert wcore.read_namespaced_pod_log("plain", "default") == ""
+    for name in ("smoke-zero", "smoke-cpu", "plain"):
+        wcore.delete_namespaced_pod(name, "default")
+
+
+def test_unschedulable_then_scheduled_when_a_node_fits(wl: Any, wcore: Any) -> None:
+    wcore.create_namespaced_pod("default", smoke_pod("smoke-late", selector={"lab/pool": "late"}))
+    pod = wait_for(lambda: (lambda p: p.status.conditions and p)(wcore.read_namespaced_pod("smoke-late", "default")),
+                   what="PodScheduled condition")
+    cond = scheduled_condition(pod)
+    total = len(wcore.list_node().items)
+    assert pod.status.phase == "Pending" and (cond.status, cond.reason) == ("False", "Unschedulable")
+    assert cond.message == (
+        "0/{n} nodes are available: {n} node(s) didn't match Pod's node affinity/selector. preemption: 0/{n} nodes "
+        "are available: {n} Preemption is not helpful for scheduling.".format(n=total))
+    evs = pod_events(wcore, "smoke-late")
+    assert [(e.type, e.reason, e.source.component, e.message) for e in evs] == [
+        ("Warning", "FailedScheduling", "default-scheduler", cond.message)]
+    # a matching node without GPUs: re-evaluated, another reason, the same Event counted again
+    gpu_node(wl, "late-0", 0, labels={"lab/pool": "late"})
+    want = ("0/{n} nodes are available: 1 Insufficient nvidia.com/gpu, {m} node(s) didn't match Pod's node "
+            "affinity/selector. preemption: 0/{n} nodes are available: 1 No preemption victims found for incoming "
+            "pod, {m} Preemption is not helpful for scheduling.").format(n=total + 1, m=total)
+    wait_for(lambda: scheduled_condition(wcore.read_namespaced_pod("smoke-late", "default")).message == want,
+             what="new scheduling message")
+    evs = pod_events(wcore, "smoke-late")
+    assert [(e.reason, e.count, e.message) for e in evs] == [("FailedScheduling", 2, want)]
+    # a tainted node that matches, then the GPUs appear on late-0
+    gpu_node(wl, "late-1", 1, labels={"lab/pool": "late"})
+    wl.store.patch_object("v1", "Node", None, "late-1", {"spec": {"taints": [
+        {"key": "maintenance", "value": "yes", "effect": "NoSchedule"}]}})
+    wait_for(lambda: "1 node(s) had untolerated taint {maintenance: yes}" in scheduled_condition(
+        wcore.read_namespaced_pod("smoke-late", "default")).message, what="taint reason")
+    assert phase(wcore, "smoke-late") == "Pending"
+    wl.store.update_node_status("late-0", {GPU: "1"}, {GPU: "1"})
+    wait_for(lambda: phase(wcore, "smoke-late") == "Succeeded", what="scheduled after the node got GPUs")
+    pod = wcore.read_namespaced_pod("smoke-late", "default")
+    assert pod.spec.node_name == "late-0" and scheduled_condition(pod).status == "True"
+    assert [e.reason for e in pod_events(wcore, "smoke-late")] == [
+        "FailedScheduling", "Scheduled", "Pulled", "Created", "Started"]
+    wcore.delete_namespaced_pod("smoke-late", "default")
+
+
+def test_deleting_a_pod_frees_its_gpu(wl: Any, wcore: Any) -> None:
+    node = gpu_node(wl, "gpu-one", 1)
+    # restartPolicy Always: the container keeps running and holds the GPU
+    wcore.create_namespaced_pod("default", smoke_pod("holder", node, pin="affinity", restart="Always"))
+    wait_for(lambda: phase(wcore, "holder") == "Running", what="holder running")
+    wcore.create_namespaced_pod("default", smoke_pod("waiter", node, pin="affinity"))
+    total = len(wcore.list_node().items)
+    want = ("0/{n} nodes are available: 1 Insufficient nvidia.com/gpu, {m} node(s) didn't satisfy plugin(s) "
+            "[NodeAffinity]. preemption: 0/{n} nodes are available: 1 No preemption victims found for incoming pod, "
+            "{m} Preemption is not helpful for scheduling.").format(n=total, m=total - 1)
+    wait_for(lambda: (scheduled_condition(wcore.read_namespaced_pod("waiter", "default")).message == want),
+             what="waiter unschedulable")
+    # nodeName bypasses the scheduler: the kubelet rejects it
+    wcore.create_namespaced_pod("default", smoke_pod("pinned", node))
+    wait_for(lambda: phase(wcore, "pinned") == "Failed")
+    assert "Requested: 1, Available: 0" in wcore.read_namespaced_pod("pinned", "default").status.message
+    time.sleep(0.3)
+    holder = wcore.read_namespaced_pod("holder", "default")
+    assert holder.status.phase == "Running" and holder.status.container_statuses[0].ready
+    assert "GPU 0:" in wcore.read_namespaced_pod_log("holder", "default")
+    wcore.delete_namespaced_pod("holder", "default")
+    wait_for(lambda: phase(wcore, "waiter") == "Succeeded", what="waiter ran after the holder was deleted")
+    assert wcore.read_namespaced_pod_log("waiter", "default").startswith("GPU 0: lab GPU")
+    # a finished pod holds nothing: the next one fits
+    wcore.create_namespaced_pod("default", smoke_pod("next", node, pin="affinity"))
+    wait_for(lambda: phase(wcore, "next") == "Succeeded", what="next pod")
+    for name in ("waiter", "pinned", "next"):
+        wcore.delete_namespaced_pod(name, "default")
+
+
+def test_runtime_runs_workload_pods(wl: Any, wcore: Any) -> None:
+    rt = WorkloadRuntime()
+    wl.attach_runtime(rt)
+    try:
+        node = gpu_node(wl, "gpu-rt", 2)
+        wcore.create_namespaced_pod("default", smoke_pod("rt-ok", node))
+        wcore.create_namespaced_pod("default", smoke_pod("rt-fail", node, command=["exit", "3"]))
+        wcore.create_namespaced_pod("default", smoke_pod("rt-crash", node, pin="affinity", command=["crash"]))
+        wait_for(lambda: {phase(wcore, n) for n in ("rt-ok", "rt-fail")} == {"Succeeded", "Failed"})
+        assert wcore.read_namespaced_pod_log("rt-ok", "default") == (
+            "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0) on %s\n" % node)
+        failed = wcore.read_namespaced_pod("rt-fail", "default")
+        term = failed.status.container_statuses[0].state.terminated
+        assert (failed.status.phase, failed.status.reason, term.exit_code, term.reason) == ("Failed", None, 3, "Error")
+        assert wcore.read_namespaced_pod_log("rt-fail", "default") == "failing on %s\n" % node
+        wait_for(lambda: phase(wcore, "rt-crash") == "Failed", what="crash -> exit 1")  # a GPU was free again
+        crash = wcore.read_namespaced_pod("rt-crash", "default")
+        assert crash.status.container_statuses[0].state.terminated.exit_code == 1
+        assert "the runtime fell over" in wcore.read_namespaced_pod_log("rt-crash", "default")
+        assert sorted(rt.calls) == sorted([(node, "rt-ok", "Running"), (node, "rt-fail", "Running"),
+                                           (node, "rt-crash", "Running")])
+    finally:
+        wl.attach_runtime(None)
+    for name in ("rt-ok", "rt-fail", "rt-crash"):
+        wcore.delete_namespaced_pod(name, "default")
+
+
+def test_workloads_off_by_default_and_switchable(lab: Any, core: Any) -> None:
+    ensure_ns(core, "wloff")
+    lab.store.update_node_status("node-2", {GPU: "1"}, {GPU: "1"})
+    core.create_namespaced_pod("wloff", smoke_pod("idle", "node-2"))
+    time.sleep(0.3)
+    assert phase(core, "idle", "wloff") == "Pending" and not pod_events(core, "idle", "wloff")
+    lab.enable_workloads()
+    try:
+        wait_for(lambda: phase(core, "idle", "wloff") == "Succeeded", what="runs once switched on")
+    finally:
+        lab.enable_workloads(False)
+    core.delete_namespace("wloff")
+    lab.store.update_node_status("node-2", {}, {})
+
+
+# --- RBAC ---------------------------------------------------------------------------------------------
+RULES = [
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"], "namespace": "rbac-a"},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get", "list", "watch", "delete"],
+     "namespace": "rbac-a"},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"], "namespace": "rbac-a"},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "update"],
+     "resourceNames": ["allowed"], "namespace": "rbac-a"},
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["*"], "namespace": "rbac-a"},
+]
+
+
+def forbidden_body(exc: ApiException) -> Dict[str, Any]:
+    assert exc.status == 403, exc
+    body = status_body(exc)
+    assert (body["kind"], body["apiVersion"], body["status"], body["reason"], body["code"]) == (
+        "Status", "v1", "Failure", "Forbidden", 403)
+    return body
+
+
+def denied(call: Callable[..., Any], *args: Any, **kw: Any) -> Dict[str, Any]:
+    with pytest.raises(ApiException) as err:
+        call(*args, **kw)
+    return forbidden_body(err.value)
+
+
+@pytest.fixture(scope="module")
+def restricted(lab: Any, core: Any, tmp_path_factory: Any) -> Any:
+    for ns in ("rbac-a", "rbac-b"):
+        ensure_ns(core, ns)
+    token = lab.add_token(rules=RULES, user="system:serviceaccount:rbac-a:bringup")
+    path = lab.write_kubeconfig(str(tmp_path_factory.mktemp("rbac") / "kubeconfig"), token=token)
+    client = make_api_client(path)
+    client.kubeconfig = path
+    return client
+
+
+def test_rbac_verbs_resources_subresources_namespaces(lab: Any, core: Any, restricted: Any) -> None:
+    rcore, rapps = k8s.CoreV1Api(restricted), k8s.AppsV1Api(restricted)
+    user = "system:serviceaccount:rbac-a:bringup"
+    lab.reset_counters()
+    # cluster-wide rules
+    assert rcore.list_node().items and rcore.read_node("node-0").metadata.name == "node-0"
+    rcore.patch_node_status("node-0", {"metadata": {}})
+    body = denied(rcore.patch_node, "node-0", {"metadata": {"labels": {"x": "y"}}})
+    assert body["message"] == ('nodes "node-0" is forbidden: User "%s" cannot patch resource "nodes" in API group "" '
+                               "at the cluster scope" % user)
+    assert body["details"] == {"name": "node-0", "kind": "nodes"}
+    body = denied(rcore.delete_node, "node-0")
+    assert 'cannot delete resource "nodes"' in body["message"]
+    # namespaced rules apply in their namespace only
+    rcore.create_namespaced_pod("rbac-a", {"metadata": {"name": "p"}, "spec": {
+        "containers": [{"name": "c", "image": "busybox:1.36"}]}})
+    assert [p.metadata.name for p in rcore.list_namespaced_pod("rbac-a").items] == ["p"]
+    body = denied(rcore.create_namespaced_pod, "rbac-b", {"metadata": {"name": "p"}, "spec": {
+        "containers": [{"name": "c", "image": "busybox:1.36"}]}})
+    assert body["message"] == ('pods is forbidden: User "%s" cannot create resource "pods" in API group "" in the '
+                               'namespace "rbac-b"' % user)
+    assert body["details"] == {"kind": "pods"}
+    body = denied(rcore.list_pod_for_all_namespaces)
+    assert body["message"].endswith('cannot list resource "pods" in API group "" at the cluster scope')
+    assert rcore.read_namespace("rbac-a").metadata.name == "rbac-a"  # a namespace's own namespace is itself
+    assert 'cannot get resource "namespaces" in API group "" in the namespace "rbac-b"' in denied(
+        rcore.read_namespace, "rbac-b")["message"]
+    # subresources are separate resources
+    assert rcore.read_namespaced_pod_log("p", "rbac-a") == ""
+    body = denied(rcore.read_namespaced_pod_status, "p", "rbac-a")
+    assert body["message"] == ('pods "p" is forbidden: User "%s" cannot get resource "pods/status" in API group "" '
+                               'in the namespace "rbac-a"' % user)
+    assert body["details"] == {"name": "p", "kind": "pods"}
+    denied(rcore.delete_collection_namespaced_pod, "rbac-a")  # deletecollection is its own verb
+    # resourceNames: only the named object; a list is allowed only when it names it
+    with pytest.raises(ApiException) as err:
+        rcore.read_namespaced_config_map("allowed", "rbac-a")
+    assert err.value.status == 404  # allowed, and absent
+    core.create_namespaced_config_map("rbac-a", {"metadata": {"name": "allowed"}, "data": {"k": "v"}})
+    core.create_namespaced_config_map("rbac-a", {"metadata": {"name": "other"}})
+    assert rcore.read_namespaced_config_map("allowed", "rbac-a").data == {"k": "v"}
+    body = denied(rcore.read_namespaced_config_map, "other", "rbac-a")
+    assert body["details"] == {"name": "other", "kind": "configmaps"}
+    denied(rcore.patch_namespaced_config_map, "allowed", "rbac-a", {"data": {"k": "w"}})  # patch not granted
+    denied(rcore.list_namespaced_config_map, "rbac-a")
+    named = rcore.list_namespaced_config_map("rbac-a", field_selector="metadata.name=allowed")
+    assert [c.metadata.name for c in named.items] == ["allowed"]
+    body = denied(rcore.create_namespaced_config_map, "rbac-a", {"metadata": {"name": "allowed"}})
+    assert body["message"].startswith("configmaps is forbidden:")  # create has no name to match
+    # API groups and wildcards
+    rapps.create_namespaced_daemon_set("rbac-a", daemonset("rbac-ds", {"lab/none": "x"}))
+    rapps.patch_namespaced_daemon_set("rbac-ds", "rbac-a", {"metadata": {"labels": {"a": "b"}}})
+    body = denied(rapps.read_namespaced_daemon_set_status, "rbac-ds", "rbac-a")
+    assert body["message"] == ('daemonsets.apps "rbac-ds" is forbidden: User "%s" cannot get resource '
+                               '"daemonsets/status" in API group "apps" in the namespace "rbac-a"' % user)
+    assert body["details"] == {"name": "rbac-ds", "group": "apps", "kind": "daemonsets"}
+    denied(rapps.list_namespaced_daemon_set, "rbac-b")
+    # discovery is open to every authenticated user
+    assert k8s.VersionApi(restricted).get_code().major == "1"
+    assert k8s.CoreApi(restricted).get_api_versions().versions == ["v1"]
+    # the side channel counts denials apart from the served requests
+    assert lab.forbidden_count("patch", "nodes") == 1 and lab.forbidden_count("get", "pods/status") == 1
+    assert lab.forbidden_count("list", "configmaps") == 1 and lab.count("list", "configmaps") == 1
+    assert lab.count("patch", "nodes") == 0 and lab.count("patch", "nodes/status") == 1
+    code, doc = raw_get(lab, "/lab/counters", token=None)
+    assert doc["forbidden"]["create"] == {"configmaps": 1, "pods": 1}
+    assert doc["forbiddenRequests"][0] == {"user": user, "verb": "patch", "resource": "nodes", "namespace": "",
+                                           "name": "node-0", "message": (
+                                               'nodes "node-0" is forbidden: User "%s" cannot patch resource "nodes" '
+                                               'in API group "" at the cluster scope' % user)}
+    # the admin token still may do everything
+    core.patch_node("node-0", {"metadata": {"labels": {"x": "y"}}})
+    apps = k8s.AppsV1Api(make_api_client(lab.kubeconfig))
+    assert apps.read_namespaced_daemon_set_status("rbac-ds", "rbac-a").metadata.name == "rbac-ds"
+
+
+def test_rbac_wildcards_and_token_management(lab: Any, tmp_path: Any) -> None:
+    token = lab.add_token(rules=[{"apiGroups": ["*"], "resources": ["*/status"], "verbs": ["get"]},
+                                 {"apiGroups": [""], "resources": ["*"], "verbs": ["list"], "namespace": "rbac-a"}])
+    c = k8s.CoreV1Api(make_api_client(lab.write_kubeconfig(str(tmp_path / "kc"), token=token)))
+    assert c.read_node_status("node-0").metadata.name == "node-0"
+    body = denied(c.read_node, "node-0")
+    assert 'User "lab-user" cannot get resource "nodes"' in body["message"]
+    c.list_namespaced_config_map("rbac-a")
+    c.list_namespaced_pod("rbac-a")
+    denied(c.read_namespaced_pod_log, "p", "rbac-a")  # "*" in a namespace rule; pods/log needs get
+    assert lab.token_rules(token)[0]["resources"] == ["*/status"] and lab.token_rules(lab.token) is None
+    lab.remove_token(token)
+    with pytest.raises(ApiException) as err:
+        c.list_namespaced_pod("rbac-a")
+    assert err.value.status == 401
+    with pytest.raises(ValueError):
+        lab.add_token(rules=[{"apiGroup": [""], "resources": ["pods"], "verbs": ["get"]}])  # typo
+    with pytest.raises(ValueError):
+        lab.add_token(rules=[{"resources": ["pods"], "verbs": ["get"]}])  # apiGroups required
+    with pytest.raises(ValueError):
+        lab.add_token(rules=[{"apiGroups": [""], "resources": "pods", "verbs": ["get"]}])  # not a list
+    server = LabApiServer(str(tmp_path / "unstarted"), rbac={
+        "t1": RULES, "t2": {"user": "alice", "rules": []}, "t3": None})
+    assert server._identity("t1").user == "lab-user" and server._identity("t2").user == "alice"
+    assert server._identity("t3").admin and server._identity("nope") is None
+
+
+@needs_kubectl
+def test_rbac_forbidden_through_kubectl(lab: Any, restricted: Any) -> None:
+    user = "system:serviceaccount:rbac-a:bringup"
+    proc = kubectl(lab, "get", "pods", "-n", "rbac-b", check=False, kubeconfig=restricted.kubeconfig)
+    assert proc.returncode == 1
+    assert ('Error from server (Forbidden): pods is forbidden: User "%s" cannot list resource "pods" in API group "" '
+            'in the namespace "rbac-b"' % user) in proc.stderr
+    proc = kubectl(lab, "label", "node", "node-1", "x=y", check=False, kubeconfig=restricted.kubeconfig)
+    assert proc.returncode == 1
+    assert ('Error from server (Forbidden): nodes "node-1" is forbidden: User "%s" cannot patch resource "nodes" in '
+            'API group "" at the cluster scope' % user) in proc.stderr
+    out = kubectl(lab, "get", "nodes", kubeconfig=restricted.kubeconfig).stdout
+    assert "node-0" in out
+    assert "p" in kubectl(lab, "get", "pods", "-n", "rbac-a", kubeconfig=restricted.kubeconfig).stdout
+
+
+RBAC_YAML = """\
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: bringup, namespace: gpu-ops}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: gpunode-bringup}
+rules:
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get, list, watch, patch]
+- apiGroups: [""]
+  resources: [nodes/status]
+  verbs: [patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: gpunode-bringup}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: gpunode-bringup}
+subjects:
+- {kind: ServiceAccount, name: bringup, namespace: gpu-ops}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: plugin-admin, namespace: kube-system}
+rules:
+- apiGroups: [apps]
+  resources: [daemonsets]
+  verbs: [get, list, watch, patch]
+- apiGroups: [""]
+  resources: [pods, pods/log]
+  verbs: [get, list]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: plugin-admin, namespace: kube-system}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: plugin-admin}
+subjects:
+- {kind: ServiceAccount, name: bringup, namespace: gpu-ops}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: smoke-runner}
+rules:
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [create, delete, get, list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [list]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: smoke-runner, namespace: gpu-ops}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: smoke-runner}
+subjects:
+- {kind: ServiceAccount, name: bringup}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: someone-else}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: smoke-runner}
+subjects:
+- {kind: ServiceAccount, name: other, namespace: gpu-ops}
+"""
+
+
+def test_rules_from_rbac_manifest(lab: Any, core: Any, tmp_path: Any) -> None:
+    from lab.apiserver import rules_from_rbac_yaml
+    path = tmp_path / "rbac.yaml"
+    path.write_text(RBAC_YAML)
+    rules = rules_from_rbac_yaml(str(path), "gpu-ops:bringup")
+    assert rules == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+        {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "watch", "patch"],
+         "namespace": "kube-system"},
+        {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"], "namespace": "kube-system"},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "delete", "get", "list", "watch"],
+         "namespace": "gpu-ops"},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"], "namespace": "gpu-ops"},
+    ]
+    assert rules_from_rbac_yaml(str(path), "gpu-ops:nobody") == []
+    assert len(rules_from_rbac_yaml(str(path), "system:serviceaccount:gpu-ops:other")) == 2
+    ensure_ns(core, "gpu-ops")
+    token = lab.add_service_account_token("gpu-ops:bringup", rbac_yaml=str(path))
+    c = k8s.CoreV1Api(make_api_client(lab.write_kubeconfig(str(tmp_path / "kc"), token=token)))
+    c.patch_node("node-0", {"metadata": {"labels": {"rbac": "yes"}}})
+    c.list_namespaced_pod("kube-system")
+    c.list_namespaced_event("gpu-ops")
+    body = denied(c.list_namespaced_event, "kube-system")
+    assert body["message"] == ('events is forbidden: User "system:serviceaccount:gpu-ops:bringup" cannot list '
+                               'resource "events" in API group "" in the namespace "kube-system"')
+    denied(c.create_namespaced_pod, "kube-system", {"metadata": {"name": "x"}, "spec": {
+        "containers": [{"name": "c", "image": "busybox:1.36"}]}})
+    # a binding to a role the manifest lacks is an error, not silently nothing
+    path.write_text(RBAC_YAML.replace("kind: Role, name: plugin-admin", "kind: Role, name: missing"))
+    with pytest.raises(ValueError, match='role.rbac.authorization.k8s.io "missing"'):
+        rules_from_rbac_yaml(str(path), "gpu-ops:bringup")
+    with pytest.raises(ValueError):
+        rules_from_rbac_yaml(str(path), "bringup")
 
 
 # --- scale ----------------------------------------------------------------------------------------
