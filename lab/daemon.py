@@ -123,7 +123,9 @@ class LabDaemon:
             self.fleet = NodeFleet(
                 self.state_dir, crash_backoff=self.crash_backoff, endpoint_grace_s=self.endpoint_grace_s
             ).start()
-        self.api = LabApiServer(self.path("api"), runtime=self.fleet).start()
+        # workloads: ordinary pods (the GPU smoke test) are scheduled and run, through the node
+        # runtime's run_workload_pod where the fleet has one
+        self.api = LabApiServer(self.path("api"), runtime=self.fleet, workloads=True).start()
         self.api.store.add_nodes(self.specs)
         if self.fleet is not None:
             self.fleet.hooks = self.api.store

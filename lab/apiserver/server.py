@@ -219,7 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
             counter_res = res.plural + ("/" + sub if sub else "")
             if ident is not None and not ident.admin:
                 self._authorize(ident, verb, res, ns, name, sub, query)
-            lab._count(verb, counter_res)
+            # a dry-run write (check mode's server-side dry run) changes nothing: counted apart
+            lab._count(("dryrun-" + verb) if query.get("dryRun") == "All" and verb in WRITE_VERBS else verb,
+                       counter_res)
             raw = self._read_body()
             fault = lab._take_fault(verb, counter_res)
             if fault is not None:
@@ -714,7 +716,8 @@ class LabApiServer:
 
     @property
     def write_count(self) -> int:
-        """Write requests (create, update, patch, delete, deletecollection) since the last reset."""
+        """Write requests (create, update, patch, delete, deletecollection) since the last reset,
+        dry runs (``?dryRun=All``) excluded: those are counted under ``dryrun-<verb>``."""
         with self._lock:
             return sum(n for (verb, _r), n in self._counts.items() if verb in WRITE_VERBS)
 
@@ -760,6 +763,7 @@ class LabApiServer:
             forbidden.setdefault(verb, {})[res] = n
         return {"requests": by_verb, "total": sum(counts.values()),
                 "writes": sum(n for (verb, _r), n in counts.items() if verb in WRITE_VERBS),
+                "dryRunWrites": sum(n for (verb, _r), n in counts.items() if verb.startswith("dryrun-")),
                 "nonResource": nonres, "forbidden": forbidden, "forbiddenRequests": denied_log,
                 "resourceVersion": self.store.resource_version}
 

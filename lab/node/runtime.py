@@ -616,6 +616,19 @@ class NodeFleet:
         if target is not None:
             self._submit(target.stop_pod(pod_name))
 
+    def run_workload_pod(self, node: str, pod: Dict[str, Any]) -> Tuple[int, str]:
+        """An ordinary pod (the collection's GPU smoke test) on this node: what `nvidia-smi -L`
+        prints there, read through NVML like the real container would (WorkloadRunner)."""
+        target = self.nodes.get(node)
+        if target is None:
+            return 1, "lab: no simulated node %s\n" % node
+        probe = self.gateway.probe(target.layout.nvml_state)
+        if probe.init_error:
+            return 9, "Failed to initialize NVML: %s\n" % probe.init_error.replace("ERROR_", "").replace("_", " ").title()
+        if probe.enumerate_error:
+            return 15, "Unable to determine the device handle for GPU: %s\n" % probe.enumerate_error
+        return 0, "".join("GPU %d: %s (UUID: %s)\n" % (d.index, d.name or "NVIDIA GPU", d.uuid) for d in probe.devices)
+
     def pod_log(self, node: str, pod_name: str, tail_lines: Optional[int] = None) -> str:
         target = self.nodes.get(node)
         pod = target.plugin_pod if target is not None else None

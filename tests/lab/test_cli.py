@@ -92,7 +92,7 @@ def test_up_writes_kubeconfig_inventory_and_lab_json(running_lab: Dict[str, Any]
     host = hosts["gpu-node-01"]
     assert host["ansible_connection"] == "local"
     assert host["ansible_python_interpreter"] == sys.executable
-    assert host["gpunode_kubeconfig"] == info["kubeconfig"]
+    assert inventory["all"]["vars"]["gpunode_kubeconfig"] == info["kubeconfig"]  # localhost plays need it too
     root = host["gpunode_node_root"]
     assert os.path.isdir(os.path.join(root, "var/lib/kubelet/device-plugins"))
     assert host["gpunode_node_environment"] == {
