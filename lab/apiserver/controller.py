@@ -278,7 +278,7 @@ class DaemonSetController:
         if tmeta.get("annotations"):
             pod_meta["annotations"] = dict(tmeta["annotations"])
         body = {"metadata": pod_meta, "spec": pod_spec}
-        for _ in range(5):
+        for _attempt in range(5):
             pod_meta["name"] = "%s-%s" % (meta["name"], random_suffix())
             if self.runtime is None:
                 st = PluginPodStatus(running=True, ready=True, started_at=objects.now())
@@ -349,4 +349,3 @@ class DaemonSetController:
                              lambda obj, s=status: dict(obj, status=s), manager=MANAGER, subresource="status")
             except ApiError:
                 pass
-

@@ -359,14 +359,15 @@ def pod_status(pod: Dict[str, Any], host_ip: str, pod_ip: str, *, running: bool,
     containers = spec.get("containers") or [{}]
     statuses = []
     for idx, c in enumerate(containers):
-        cs: Dict[str, Any] = {"name": c.get("name", ""), "image": c.get("image", ""),
-                              "imageID": "%s@sha256:%s" % ((c.get("image") or "").split(":")[0],
-                                                          hashlib.sha256((c.get("image") or "").encode()).hexdigest()),
+        image = c.get("image") or ""
+        image_digest = hashlib.sha256(image.encode()).hexdigest()
+        cs: Dict[str, Any] = {"name": c.get("name", ""), "image": image,
+                              "imageID": "%s@sha256:%s" % (image.split(":")[0], image_digest),
                               "ready": ready, "restartCount": restart_count, "started": running}
         if running:
-            cs["containerID"] = "containerd://" + hashlib.sha256(
-                ("%s/%s/%s/%d" % (pod["metadata"].get("namespace"), pod["metadata"].get("name"), c.get("name"),
-                                   restart_count)).encode()).hexdigest()
+            container_key = "%s/%s/%s/%d" % (pod["metadata"].get("namespace"), pod["metadata"].get("name"),
+                                             c.get("name"), restart_count)
+            cs["containerID"] = "containerd://" + hashlib.sha256(container_key.encode()).hexdigest()
             cs["state"] = {"running": {"startedAt": started_at or ts}}
         else:
             cs["state"] = {"waiting": {"reason": waiting_reason or "ContainerCreating"}}

@@ -199,7 +199,7 @@ def _merge_list(orig: Any, patch: List[Any], field: str) -> List[Any]:
         return [copy(i) for i in patch if not (isinstance(i, dict) and i.get("$patch") == "replace")]
     if field in SET_LISTS and isinstance(orig, list):
         return list(orig) + [copy(x) for x in patch if x not in orig]
-    keys = _keys_for(field, [i for i in patch])
+    keys = _keys_for(field, list(patch))
     if keys is None or not isinstance(orig, list):
         return [copy(i) for i in patch if not (isinstance(i, dict) and i.get("$patch") == "delete")]
     result = list(orig)

@@ -535,9 +535,9 @@ class _Handler(BaseHTTPRequestHandler):
             spec = self._json_body(raw)
             specs = spec if isinstance(spec, list) else [spec]
             try:
+                wanted = ("verb", "resource", "kind", "count", "delay_s")
                 for s in specs:
-                    lab.add_fault(**{k: v for k, v in s.items() if k in ("verb", "resource", "kind", "count",
-                                                                          "delay_s")})
+                    lab.add_fault(**{k: v for k, v in s.items() if k in wanted})
             except (TypeError, ValueError, AttributeError) as exc:
                 raise bad_request("invalid fault: %s" % exc)
             self._send_json(201, {"faults": lab.faults()})

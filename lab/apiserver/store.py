@@ -31,7 +31,7 @@ Key = Tuple[str, str]
 
 
 def random_suffix(n: int = 5) -> str:
-    return "".join(random.choice(NAME_CHARS) for _ in range(n))
+    return "".join(random.choice(NAME_CHARS) for _char in range(n))
 
 
 class ApiError(Exception):
@@ -68,8 +68,10 @@ def already_exists(res: Resource, name: str) -> ApiError:
     return ApiError(409, "AlreadyExists", '%s "%s" already exists' % (res.qualified, name), _details(res, name))
 
 
-def conflict(res: Resource, name: str, why: str = "the object has been modified; please apply your changes "
-                                                   "to the latest version and try again") -> ApiError:
+STALE_OBJECT = "the object has been modified; please apply your changes to the latest version and try again"
+
+
+def conflict(res: Resource, name: str, why: str = STALE_OBJECT) -> ApiError:
     return ApiError(409, "Conflict", 'Operation cannot be fulfilled on %s "%s": %s' % (res.qualified, name, why),
                     _details(res, name))
 
@@ -356,7 +358,7 @@ class Store:
                 meta["managedFields"] = [self._mf_entry(manager, "Update", res, fs)]
         with self.lock:
             if not meta.get("name") and meta.get("generateName"):
-                for _ in range(10):
+                for _attempt in range(10):
                     candidate = meta["generateName"] + random_suffix()
                     if (ns, candidate) not in self._objs[res]:
                         meta["name"] = candidate
@@ -543,11 +545,14 @@ class Store:
         elif patch_type == "merge":
             if not isinstance(patch, dict):
                 raise bad_request("a merge patch must be a JSON object")
-            fn = lambda old: merge_patch(old, patch)
+            def fn(old: Any) -> Any:
+                return merge_patch(old, patch)
         elif patch_type == "strategic":
             if not isinstance(patch, dict):
                 raise bad_request("a strategic merge patch must be a JSON object")
-            fn = lambda old: strategic_merge(old, patch)
+
+            def fn(old: Any) -> Any:
+                return strategic_merge(old, patch)
         else:
             raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
                            "accepted media types include: application/json-patch+json, "
@@ -636,8 +641,8 @@ class Store:
     def _node_lease(self, node: dict) -> None:
         """The kubelet's heartbeat Lease in kube-node-lease (kubectl describe node shows it)."""
         meta = node["metadata"]
-        body = {"metadata": {"name": meta["name"], "namespace": "kube-node-lease", "ownerReferences": [
-                    {"apiVersion": "v1", "kind": "Node", "name": meta["name"], "uid": meta["uid"]}]},
+        owner = {"apiVersion": "v1", "kind": "Node", "name": meta["name"], "uid": meta["uid"]}
+        body = {"metadata": {"name": meta["name"], "namespace": "kube-node-lease", "ownerReferences": [owner]},
                 "spec": {"holderIdentity": meta["name"], "leaseDurationSeconds": 40,
                          "renewTime": meta["creationTimestamp"].replace("Z", ".000000Z")}}
         leases = BY_PATH[("coordination.k8s.io", "v1", "leases")]

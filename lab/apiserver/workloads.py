@@ -158,9 +158,11 @@ def fit_error(total: int, statuses: Dict[str, Tuple[List[str], bool]], filtered_
 
 
 def default_log(node: str, devices: List[int]) -> str:
-    return "".join("GPU %d: lab GPU (UUID: GPU-%s) (lab, no runtime)\n" % (i, uuid.uuid5(uuid.NAMESPACE_URL,
-                                                                                       "lab:%s/%d" % (node, i)))
-                   for i in devices)
+    lines = []
+    for i in devices:
+        gpu_uuid = uuid.uuid5(uuid.NAMESPACE_URL, "lab:%s/%d" % (node, i))
+        lines.append("GPU %d: lab GPU (UUID: GPU-%s) (lab, no runtime)\n" % (i, gpu_uuid))
+    return "".join(lines)
 
 
 def _condition(ctype: str, status: bool, ts: str, reason: Optional[str] = None,

@@ -32,6 +32,11 @@ KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
 
 
+def holds(value: Any, predicate: Callable[[Any], Any]) -> Any:
+    """``value`` when ``predicate(value)`` holds, else None: a wait_for condition."""
+    return value if value is not None and predicate(value) else None
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -126,7 +131,7 @@ def dyn(api: Any, tmp_path_factory: Any) -> Any:
 
 def kubectl(lab: Any, *args: str, check: bool = True, kubeconfig: Optional[str] = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, KUBECONFIG=kubeconfig or lab.kubeconfig, HOME=os.path.dirname(lab.kubeconfig))
-    proc = subprocess.run([KUBECTL, *args], capture_output=True, text=True, timeout=30, env=env)
+    proc = subprocess.run([KUBECTL, *args], capture_output=True, text=True, timeout=30, env=env, check=False)
     if check and proc.returncode != 0:
         raise AssertionError("kubectl %s failed (%d): %s" % (" ".join(args), proc.returncode, proc.stderr))
     return proc
@@ -423,7 +428,7 @@ def test_daemonset_label_matching_and_status(lab: Any, core: Any, apps: Any, run
                                                                   "nvidia.com/gpu.present": "true"}))
     pods = wait_for(lambda: len(ds_pods(core, "dsl", "plugin")) == 3 and ds_pods(core, "dsl", "plugin"))
     assert sorted(pods) == sorted(gpu)
-    st = wait_for(lambda: (lambda s: s.number_ready == 3 and s)(ds_status(apps, "dsl", "plugin")))
+    st = wait_for(lambda: holds(ds_status(apps, "dsl", "plugin"), lambda s: s.number_ready == 3))
     assert (st.desired_number_scheduled, st.current_number_scheduled, st.updated_number_scheduled,
             st.number_available, st.number_misscheduled, st.number_unavailable) == (3, 3, 3, 3, 0, None)
     pod = core.read_namespaced_pod(pods[gpu[0]], "dsl")
@@ -457,7 +462,7 @@ def test_daemonset_label_matching_and_status(lab: Any, core: Any, apps: Any, run
 def test_daemonset_zero_matching_nodes(lab: Any, core: Any, apps: Any) -> None:
     ensure_ns(core, "dsz")
     apps.create_namespaced_daemon_set("dsz", daemonset("nothing", {"lab/case": "no-such-node"}))
-    st = wait_for(lambda: (lambda s: s.observed_generation == 1 and s)(ds_status(apps, "dsz", "nothing")))
+    st = wait_for(lambda: holds(ds_status(apps, "dsz", "nothing"), lambda s: s.observed_generation == 1))
     assert (st.desired_number_scheduled, st.current_number_scheduled, st.number_ready,
             st.number_misscheduled) == (0, 0, 0, 0)
     assert st.number_available is None and st.updated_number_scheduled is None  # omitempty, like the real API
@@ -537,7 +542,7 @@ def test_daemonset_pod_recreated_after_delete(lab: Any, core: Any, apps: Any, ru
     apps.create_namespaced_daemon_set("dsr", daemonset("rec", {"lab/case": "dsr"}))
     old = wait_for(lambda: ds_pods(core, "dsr", "rec").get("dsr-0"))
     core.delete_namespaced_pod(old, "dsr")
-    new = wait_for(lambda: (lambda n: n if n and n != old else None)(ds_pods(core, "dsr", "rec").get("dsr-0")))
+    new = wait_for(lambda: holds(ds_pods(core, "dsr", "rec").get("dsr-0"), lambda n: n and n != old))
     assert new.startswith("rec-")
     calls = [c for c in runtime.calls if c[2] in (old, new)]
     assert calls == [("start", "dsr-0", old), ("stop", "dsr-0", old), ("start", "dsr-0", new)]
@@ -545,11 +550,12 @@ def test_daemonset_pod_recreated_after_delete(lab: Any, core: Any, apps: Any, ru
     # a template change rolls the pod; deleting the DaemonSet removes (and stops) its pods
     apps.patch_namespaced_daemon_set("rec", "dsr", {"spec": {"template": {"metadata": {
         "annotations": {"kubectl.kubernetes.io/restartedAt": "now"}}}}})
-    rolled = wait_for(lambda: (lambda n: n if n and n != new else None)(ds_pods(core, "dsr", "rec").get("dsr-0")))
+    rolled = wait_for(lambda: holds(ds_pods(core, "dsr", "rec").get("dsr-0"), lambda n: n and n != new))
     pod = core.read_namespaced_pod(rolled, "dsr")
     assert pod.metadata.labels["pod-template-generation"] == "2"
-    wait_for(lambda: (lambda s: s.updated_number_scheduled == 1 and s.observed_generation == 2)(
-        ds_status(apps, "dsr", "rec")), what="rollout status")
+    wait_for(lambda: holds(ds_status(apps, "dsr", "rec"),
+                           lambda s: s.updated_number_scheduled == 1 and s.observed_generation == 2),
+             what="rollout status")
     assert new in runtime.stopped()
     apps.delete_namespaced_daemon_set("rec", "dsr")
     wait_for(lambda: not ds_pods(core, "dsr", "rec"), what="garbage collection")
@@ -580,11 +586,12 @@ def test_daemonset_rolling_update_honours_max_unavailable(lab: Any, core: Any, a
                 lab.store.update_pod_status("dsu", name, PluginPodStatus(running=True, ready=True))
     finally:
         runtime.auto_ready = True
-    wait_for(lambda: (lambda s: s.updated_number_scheduled == 3 and s.number_available == 3)(
-        ds_status(apps, "dsu", "roll")), what="rollout complete")
+    wait_for(lambda: holds(ds_status(apps, "dsu", "roll"),
+                           lambda s: s.updated_number_scheduled == 3 and s.number_available == 3),
+             what="rollout complete")
     # OnDelete: a template change does not replace running pods
-    apps.patch_namespaced_daemon_set("roll", "dsu", {"spec": {"updateStrategy": {"type": "OnDelete",
-                                                                                "rollingUpdate": None}}})
+    on_delete = {"spec": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": None}}}
+    apps.patch_namespaced_daemon_set("roll", "dsu", on_delete)
     pods = ds_pods(core, "dsu", "roll")
     apps.patch_namespaced_daemon_set("roll", "dsu", {"spec": {"template": {"metadata": {"labels": {"v": "3"}}}}})
     wait_for(lambda: ds_status(apps, "dsu", "roll").observed_generation == 4)
@@ -617,8 +624,8 @@ def test_runtime_status_mapping_and_node_status(lab: Any, core: Any, apps: Any, 
     assert (cs.ready, cs.restart_count, cs.state.waiting.reason) == (False, 3, "CrashLoopBackOff")
     assert (cs.last_state.terminated.exit_code, cs.last_state.terminated.reason) == (1, "Error")
     assert {c.type: c.status for c in pod.status.conditions}["Ready"] == "False"
-    wait_for(lambda: (lambda s: s.current_number_scheduled == 1 and s.number_ready == 0
-                      and s.number_unavailable == 1)(ds_status(apps, "dsm", "map")))
+    wait_for(lambda: holds(ds_status(apps, "dsm", "map"), lambda s: s.current_number_scheduled == 1
+                           and s.number_ready == 0 and s.number_unavailable == 1))
     lab.store.update_pod_status("dsm", name, PluginPodStatus(running=True, ready=True, restart_count=3))
     wait_for(lambda: ds_status(apps, "dsm", "map").number_ready == 1)
     assert core.read_namespaced_pod_log(name, "dsm", tail_lines=2) == "%s line 8\n%s line 9\n" % (name, name)
@@ -728,7 +735,7 @@ def test_fault_429_and_500(lab: Any, core: Any) -> None:
     code, doc = raw_get(lab, "/lab/faults", token=None, method="POST",
                         body={"verb": "get", "resource": "pods", "kind": "500", "count": 2})
     assert code == 201 and doc["faults"][0]["remaining"] == 2
-    for _ in range(2):
+    for _round in range(2):
         with pytest.raises(ApiException) as err:
             core.read_namespaced_pod("anything", "default")
         assert err.value.status == 500 and status_body(err.value)["reason"] == "InternalError"
@@ -860,9 +867,9 @@ def test_pinned_smoke_pod_succeeds_with_events_and_log(wl: Any, wcore: Any) -> N
     assert evs[1].message == "Created container: smoke" and evs[2].message == "Started container smoke"
     assert evs[0].message == 'Container image "nvcr.io/nvidia/cuda:12.4.1-base-ubuntu22.04" already present on machine'
     ev = evs[2]
-    assert (ev.type, ev.source.component, ev.source.host, ev.involved_object.kind, ev.involved_object.uid,
-            ev.involved_object.field_path) == ("Normal", "kubelet", node, "Pod", pod.metadata.uid,
-                                                 "spec.containers{smoke}")
+    seen = (ev.type, ev.source.component, ev.source.host, ev.involved_object.kind, ev.involved_object.uid,
+            ev.involved_object.field_path)
+    assert seen == ("Normal", "kubelet", node, "Pod", pod.metadata.uid, "spec.containers{smoke}")
     log = wcore.read_namespaced_pod_log("smoke-pin", "default", container="smoke")
     assert log.startswith("GPU 0: lab GPU (UUID: GPU-") and log.endswith("(lab, no runtime)\n")
     assert len(log.splitlines()) == 1
@@ -925,7 +932,7 @@ def test_pinned_pod_rejected_at_admission(wl: Any, wcore: Any) -> None:
 
 def test_unschedulable_then_scheduled_when_a_node_fits(wl: Any, wcore: Any) -> None:
     wcore.create_namespaced_pod("default", smoke_pod("smoke-late", selector={"lab/pool": "late"}))
-    pod = wait_for(lambda: (lambda p: p.status.conditions and p)(wcore.read_namespaced_pod("smoke-late", "default")),
+    pod = wait_for(lambda: holds(wcore.read_namespaced_pod("smoke-late", "default"), lambda p: p.status.conditions),
                    what="PodScheduled condition")
     cond = scheduled_condition(pod)
     total = len(wcore.list_node().items)
@@ -1304,7 +1311,7 @@ def test_thousand_node_api_only_fleet(tmp_path: Any) -> None:
         created = time.perf_counter() - t0
         assert created < 3.0
         times = []
-        for _ in range(3):
+        for _attempt in range(3):
             t0 = time.perf_counter()
             code, doc = raw_get(big, "/api/v1/nodes")
             times.append(time.perf_counter() - t0)
