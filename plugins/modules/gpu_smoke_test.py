@@ -113,7 +113,7 @@ EXAMPLES = r"""
     node: gpu-07
     namespace: gpu-ops
     image: registry.local/nvidia/cuda:12.4.1-base-ubuntu22.04
-    command: [nvidia-smi, --query-gpu=name,uuid, --format=csv]
+    command: [nvidia-smi, "--query-gpu=name,uuid", --format=csv]
     tolerations:
       - key: nvidia.com/gpu
         operator: Exists
