@@ -15,7 +15,7 @@ export ANSIBLE_REMOTE_TMP := $(BUILD)/ansible-tmp
 export ANSIBLE_LOCAL_TEMP := $(BUILD)/ansible-tmp
 export PYTHONPATH := $(BUILD):$(CURDIR)
 
-.PHONY: help venv collection lab-nvml test sanity lint units pytest stubs-check demo bench docs-lint build clean
+.PHONY: help venv collection lab-nvml test sanity lint docs units pytest stubs-check demo bench build clean
 
 help:
 	@echo "make test   set up (venv, collection path, lab NVML) and run every test with a summary line"
@@ -41,7 +41,7 @@ test: venv collection lab-nvml
 	$(VPY) tests/run_all.py
 
 # Single stages, for development (the same ones `make test` runs).
-stubs-check sanity lint units: venv collection
+stubs-check sanity lint docs units: venv collection
 	$(VPY) tests/run_all.py --only $@
 pytest: venv collection lab-nvml
 	$(VPY) tests/run_all.py --only $@

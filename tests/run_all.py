@@ -185,6 +185,21 @@ def stage_lint(stage: Stage) -> None:
         stage.passed = max(0, checked - stage.failed)
 
 
+def stage_docs(stage: Stage) -> None:
+    """antsibull-docs lint-collection-docs: every plugin's and role's documentation parses and its
+    references (O(), M(), P()) resolve, as the docsite build would see them."""
+    env = dict(os.environ)
+    env["PATH"] = str(VENV_BIN) + os.pathsep + env.get("PATH", "")
+    env["ANSIBLE_COLLECTIONS_PATH"] = str(BUILD)
+    collection = BUILD / "ansible_collections" / "gpunode" / "bringup"
+    proc = run(["antsibull-docs", "lint-collection-docs", "--plugin-docs", "."], cwd=collection, env=env)
+    problems = [line for line in proc.stdout.splitlines() if re.match(r"^\S+:\d+:\d+: ", line)]
+    if proc.returncode == 0 and not problems:
+        stage.passed = 1
+    else:
+        stage.failed = max(1, len(problems))
+
+
 def stage_units(stage: Stage) -> None:
     make_test_copy()
     env = ansible_test_env()
@@ -214,6 +229,7 @@ STAGES = {
     "stubs-check": stage_stubs_check,
     "sanity": stage_sanity,
     "lint": stage_lint,
+    "docs": stage_docs,
     "units": stage_units,
     "pytest": stage_pytest,
 }
