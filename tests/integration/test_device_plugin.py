@@ -84,8 +84,8 @@ def test_requests_of_check_mode_apply_and_no_change(tmp_path: Path) -> None:
     from ansible_collections.gpunode.bringup.plugins.module_utils._device_plugin import device_plugin_result
 
     params = {"kubeconfig": str(tmp_path / "kubeconfig"), "wait_timeout": 120}
-    reads_and_dry_runs = {("get", "configmaps"): 1, ("patch", "configmaps"): 1,
-                          ("get", "daemonsets"): 1, ("patch", "daemonsets"): 1}
+    reads_and_dry_runs = {("get", "configmaps"): 1, ("dryrun-patch", "configmaps"): 1,
+                          ("get", "daemonsets"): 1, ("dryrun-patch", "daemonsets"): 1}
     with lab_cluster(tmp_path, gpu_nodes(3, tmp_path)) as (server, _kubeconfig):
         server.reset_counters()
         assert device_plugin_result(params, check_mode=True, diff_mode=False)["changed"] is True
