@@ -60,3 +60,13 @@ def test_module_docs_render(module, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "gpunode.bringup.%s" % module in proc.stdout
     assert "EXAMPLES" in proc.stdout and "RETURN VALUES" in proc.stdout
+
+
+@pytest.mark.parametrize("playbook", ["gpu_node_bringup", "gpu_node_verify", "gpu_node_remediate"])
+def test_playbooks_run_by_their_collection_name(playbook, tmp_path):
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text("[gpu_nodes]\ngpu-01 ansible_connection=local\n")
+    proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory), "gpunode.bringup.%s" % playbook,
+                           "--syntax-check"], capture_output=True, text=True, env=ansible_env(tmp_path), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "playbook: " in proc.stdout and "%s.yml" % playbook in proc.stdout
