@@ -139,3 +139,14 @@ def test_two_runs_on_one_node_one_remediates_the_other_skips_on_the_lease(fleet)
     skipped = next(r for r in runs.values() if r.node_report("gpu-node-02")["verdict"] == "skipped")
     assert "being remediated by run-" in skipped.node_report("gpu-node-02")["next_action"]
     assert fleet.deletes("pods") == 1, fleet.counters()
+
+
+def test_workload_step_runs_a_gpu_pod_on_each_node_and_cleans_up(fleet):
+    fleet.reset_counters()
+    run = fleet.playbook("gpu_node_verify.yml", "-e", "gpunode_workload_check=true")
+    assert run.rc == 0, run.output[-4000:]
+    for host in ("gpu-node-01", "gpu-node-02"):
+        assert run.steps(host)["workload"] == "ok"
+    requests = fleet.counters()["requests"]
+    assert requests["create"]["pods"] == 2 and requests["delete"]["pods"] == 2  # one smoke pod per node, removed
+    assert all(run.changed(h) == 0 for h in ("gpu-node-01", "gpu-node-02"))
