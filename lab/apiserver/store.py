@@ -540,24 +540,19 @@ class Store:
             return self.update(res, namespace, name, lambda old: apply_merge(old, applied), manager=manager,
                                operation="Apply", subresource=subresource, dry_run=dry_run, applied=applied,
                                create=create)
-        if patch_type == "json":
-            fn: Callable[[dict], dict] = lambda old: json_patch(typed(res, old), patch)
-        elif patch_type == "merge":
-            if not isinstance(patch, dict):
-                raise bad_request("a merge patch must be a JSON object")
-            def fn(old: Any) -> Any:
-                return merge_patch(old, patch)
-        elif patch_type == "strategic":
-            if not isinstance(patch, dict):
-                raise bad_request("a strategic merge patch must be a JSON object")
-
-            def fn(old: Any) -> Any:
-                return strategic_merge(old, patch)
-        else:
+        if patch_type in ("merge", "strategic") and not isinstance(patch, dict):
+            raise bad_request("a %s patch must be a JSON object" % ("merge" if patch_type == "merge" else "strategic merge"))
+        appliers: Dict[str, Callable[[dict], dict]] = {
+            "json": lambda old: json_patch(typed(res, old), patch),
+            "merge": lambda old: merge_patch(old, patch),
+            "strategic": lambda old: strategic_merge(old, patch),
+        }
+        if patch_type not in appliers:
             raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
                            "accepted media types include: application/json-patch+json, "
                            "application/merge-patch+json, application/apply-patch+yaml, "
                            "application/strategic-merge-patch+json")
+        fn = appliers[patch_type]
         return self.update(res, namespace, name, fn, manager=manager, subresource=subresource, dry_run=dry_run)
 
     def _create_applied(self, res: Resource, namespace: Optional[str], body: dict, manager: str, applied: dict,
