@@ -26,6 +26,7 @@ from ansible_collections.gpunode.bringup.plugins.module_utils._errors import (
     K8sError,
     K8sForbiddenError,
 )
+from ansible_collections.gpunode.bringup.plugins.module_utils._module import require_library, run_module
 
 try:
     import kubernetes
@@ -208,3 +209,17 @@ class K8sClient:
 
 def is_not_found(error: Exception) -> bool:
     return getattr(error, "details", {}).get("status") == 404 or getattr(error, "status", None) == 404
+
+
+def run_api_module(module: Any, body: Callable[[K8sClient], Dict[str, Any]]) -> None:
+    """The body of an API module: the kubernetes library present, one client from the shared auth
+    options, the result's ``diff`` only with ``--diff``, errors turned into fail_json."""
+    require_library(module, "kubernetes", HAS_KUBERNETES, KUBERNETES_IMPORT_ERROR)
+
+    def run() -> Dict[str, Any]:
+        result = body(K8sClient(module.params))
+        if not module._diff:
+            result.pop("diff", None)
+        return result
+
+    run_module(module, run)

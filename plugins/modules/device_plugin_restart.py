@@ -199,12 +199,7 @@ action:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_args import auth_argument_spec
-from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import (
-    HAS_KUBERNETES,
-    KUBERNETES_IMPORT_ERROR,
-    K8sClient,
-)
-from ansible_collections.gpunode.bringup.plugins.module_utils._module import require_library, run_module
+from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import run_api_module
 from ansible_collections.gpunode.bringup.plugins.module_utils._restart import RestartRequest, run_plugin_restart
 
 
@@ -221,7 +216,6 @@ def main():
         )),
         supports_check_mode=True,
     )
-    require_library(module, "kubernetes", HAS_KUBERNETES, KUBERNETES_IMPORT_ERROR)
     params = module.params
     request = RestartRequest(
         node=params["node"],
@@ -233,14 +227,11 @@ def main():
         wait_only=params["wait_only"],
     )
 
-    def body():
+    def body(client):
         request.validate()
-        result = run_plugin_restart(K8sClient(params), request, module.check_mode)
-        if not module._diff:
-            result.pop("diff", None)
-        return result
+        return run_plugin_restart(client, request, module.check_mode)
 
-    run_module(module, body)
+    run_api_module(module, body)
 
 
 if __name__ == "__main__":

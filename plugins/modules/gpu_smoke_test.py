@@ -233,12 +233,7 @@ msg:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_args import auth_argument_spec
-from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import (
-    HAS_KUBERNETES,
-    KUBERNETES_IMPORT_ERROR,
-    K8sClient,
-)
-from ansible_collections.gpunode.bringup.plugins.module_utils._module import require_library, run_module
+from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import run_api_module
 from ansible_collections.gpunode.bringup.plugins.module_utils._smoke import (
     DEFAULT_COMMAND,
     DEFAULT_IMAGE,
@@ -261,7 +256,6 @@ def main():
         )),
         supports_check_mode=True,
     )
-    require_library(module, "kubernetes", HAS_KUBERNETES, KUBERNETES_IMPORT_ERROR)
     params = module.params
     request = SmokeRequest(
         node=params["node"],
@@ -274,11 +268,11 @@ def main():
         tolerations=params["tolerations"],
     )
 
-    def body():
+    def body(client):
         request.validate()
-        return run_smoke_test(K8sClient(params), request, module.check_mode)
+        return run_smoke_test(client, request, module.check_mode)
 
-    run_module(module, body)
+    run_api_module(module, body)
 
 
 if __name__ == "__main__":

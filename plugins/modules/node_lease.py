@@ -226,17 +226,12 @@ msg:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_args import auth_argument_spec
-from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import (
-    HAS_KUBERNETES,
-    KUBERNETES_IMPORT_ERROR,
-    K8sClient,
-)
+from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import run_api_module
 from ansible_collections.gpunode.bringup.plugins.module_utils._lease import (
     LeaseRequest,
     default_holder_identity,
     run_node_lease,
 )
-from ansible_collections.gpunode.bringup.plugins.module_utils._module import require_library, run_module
 
 
 def main():
@@ -251,7 +246,6 @@ def main():
         )),
         supports_check_mode=True,
     )
-    require_library(module, "kubernetes", HAS_KUBERNETES, KUBERNETES_IMPORT_ERROR)
     params = module.params
     request = LeaseRequest(
         node=params["node"],
@@ -261,14 +255,11 @@ def main():
         lease_duration_seconds=params["lease_duration_seconds"],
     )
 
-    def body():
+    def body(client):
         request.validate()
-        result = run_node_lease(K8sClient(params), request, params["state"], module.check_mode)
-        if not module._diff:
-            result.pop("diff", None)
-        return result
+        return run_node_lease(client, request, params["state"], module.check_mode)
 
-    run_module(module, body)
+    run_api_module(module, body)
 
 
 if __name__ == "__main__":
