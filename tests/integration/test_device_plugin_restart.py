@@ -8,9 +8,6 @@ restart; gpu-c has no plugin pod (it lacks the DaemonSet's node label).
 from __future__ import annotations
 
 import collections
-import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -31,12 +28,10 @@ from ansible_collections.gpunode.bringup.plugins.module_utils._restart import ( 
     RestartRequest,
     run_plugin_restart,
 )
+from api_tasks import ansible_env, run_tasks  # noqa: E402
 from lab.apiserver import LabApiServer  # noqa: E402
 from lab.contracts import NodeSpec, PluginPodStatus  # noqa: E402
 
-VENV_BIN = ROOT / ".venv" / "bin"
-BIN = VENV_BIN if (VENV_BIN / "ansible-playbook").exists() else Path(sys.executable).parent
-PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 NS = "kube-system"
 GPU = "nvidia.com/gpu"
 GPUS = "4"
@@ -115,38 +110,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     server.store.create_object(DAEMONSET)
     settle(server, ["gpu-a", "gpu-b"])
     kubeconfig = server.write_kubeconfig(str(base / "kubeconfig"))
-    env = dict(os.environ)
-    env.update({
-        "ANSIBLE_HOME": str(base / "ansible-home"), "ANSIBLE_COLLECTIONS_PATH": str(ROOT / ".build"),
-        "ANSIBLE_REMOTE_TMP": str(base / "tmp"), "ANSIBLE_LOCAL_TEMP": str(base / "tmp"),
-        "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_PIPELINING": "1",
-        "K8S_AUTH_KUBECONFIG": kubeconfig,
-    })
-    env.pop("PYTHONPATH", None)
+    env = ansible_env(base, kubeconfig)
     yield {"server": server, "runtime": runtime, "base": base, "env": env, "kubeconfig": kubeconfig}
     server.stop()
     for timer in runtime.timers:
         timer.cancel()
 
 
-def run_tasks(lab: Dict[str, Any], tasks: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Run ``tasks`` in one playbook on localhost (each with ignore_errors) and return each
-    task's registered result by task name."""
-    base = lab["base"]
-    index = len(list(base.glob("play-*.json")))
-    results_file = base / ("results-%d.json" % index)
-    names = ["r%d" % i for i in range(len(tasks))]
-    play_tasks = [dict(task, register=name, ignore_errors=True) for task, name in zip(tasks, names)]
-    play_tasks.append({"name": "save results", "ansible.builtin.copy": {
-        "dest": str(results_file), "content": "{{ dict(names | zip(query('ansible.builtin.vars', *names))) | to_json }}"}})
-    path = base / ("play-%d.json" % index)  # JSON is YAML
-    path.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "vars": {"names": names},
-                                 "tasks": play_tasks}]))
-    proc = subprocess.run([str(BIN / "ansible-playbook"), "-e", "ansible_python_interpreter=" + PYTHON, str(path)],
-                          env=lab["env"], capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, "ansible-playbook failed:\n%s\n%s" % (proc.stdout[-4000:], proc.stderr[-4000:])
-    saved = json.loads(results_file.read_text())
-    return {task["name"]: saved[name] for task, name in zip(tasks, names)}
 
 
 def restart_task(name: str, check_mode: bool = False, **args: Any) -> Dict[str, Any]:

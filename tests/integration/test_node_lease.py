@@ -10,13 +10,12 @@ exactly one wins each race.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import pytest
 
@@ -33,12 +32,10 @@ from ansible_collections.gpunode.bringup.plugins.module_utils._lease import (  #
     NodeLease,
     format_time,
 )
+from api_tasks import BIN, PYTHON, ansible_env, run_tasks  # noqa: E402
 from lab.apiserver import LabApiServer  # noqa: E402
 from lab.contracts import NodeSpec  # noqa: E402
 
-VENV_BIN = ROOT / ".venv" / "bin"
-BIN = VENV_BIN if (VENV_BIN / "ansible").exists() else Path(sys.executable).parent
-PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 NS = "kube-system"
 
 
@@ -48,15 +45,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     server = LabApiServer(str(base / "api")).start()
     server.store.add_nodes([NodeSpec(name=n, root="", gpu_count=0) for n in ("gpu-a", "gpu-b", "gpu-c", "gpu-d")])
     kubeconfig = server.write_kubeconfig(str(base / "kubeconfig"))
-    env = dict(os.environ)
-    env.update({
-        "ANSIBLE_HOME": str(base / "ansible-home"), "ANSIBLE_COLLECTIONS_PATH": str(ROOT / ".build"),
-        "ANSIBLE_REMOTE_TMP": str(base / "tmp"), "ANSIBLE_LOCAL_TEMP": str(base / "tmp"),
-        "ANSIBLE_STDOUT_CALLBACK": "oneline", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
-        "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_PIPELINING": "1",
-        "K8S_AUTH_KUBECONFIG": kubeconfig,
-    })
-    env.pop("PYTHONPATH", None)
+    env = ansible_env(base, kubeconfig, ANSIBLE_STDOUT_CALLBACK="oneline", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
     yield {"server": server, "base": base, "env": env, "kubeconfig": kubeconfig}
     server.stop()
 
@@ -65,26 +54,6 @@ def lease_of(server: LabApiServer, node: str) -> Any:
     return server.store.get_object("coordination.k8s.io/v1", "Lease", NS, "gpunode-bringup-" + node)
 
 
-def run_tasks(lab: Dict[str, Any], tasks: List[Dict[str, Any]], play: Optional[Dict[str, Any]] = None,
-              env: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
-    """Run ``tasks`` in one playbook on localhost (each with ignore_errors; ``play``: more play
-    keywords) and return each task's registered result by task name."""
-    base = lab["base"]
-    index = len(list(base.glob("play-*.json")))
-    results_file = base / ("results-%d.json" % index)
-    names = ["r%d" % i for i in range(len(tasks))]
-    play_tasks = [dict(task, register=name, ignore_errors=True) for task, name in zip(tasks, names)]
-    play_tasks.append({"name": "save results", "ansible.builtin.copy": {
-        "dest": str(results_file), "content": "{{ dict(names | zip(query('ansible.builtin.vars', *names))) | to_json }}"}})
-    path = base / ("play-%d.json" % index)  # JSON is YAML
-    path.write_text(json.dumps([dict({"hosts": "localhost", "gather_facts": False, "vars": {"names": names},
-                                      "tasks": play_tasks}, **(play or {}))]))
-    proc = subprocess.run([str(BIN / "ansible-playbook"), "-e", "ansible_python_interpreter=" + PYTHON, str(path)],
-                          env=dict(lab["env"], **(env or {})), capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, "ansible-playbook failed:\n%s\n%s" % (proc.stdout[-4000:], proc.stderr[-4000:])
-    saved = json.loads(results_file.read_text())
-    return {task["name"]: saved[name] for task, name in zip(tasks, names)}
 
 
 def lease_task(name: str, check_mode: bool = False, **args: Any) -> Dict[str, Any]:
