@@ -49,11 +49,16 @@ class Stage:
 
 
 def run(cmd: List[str], cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command, streaming its output as it comes and keeping it for the stage's counts."""
     print("+ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
-    sys.stdout.write(proc.stdout)
-    sys.stdout.flush()
-    return proc
+    lines: List[str] = []
+    with subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            lines.append(line)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), None)
 
 
 def tracked_files() -> List[str]:
