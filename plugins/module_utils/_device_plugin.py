@@ -42,6 +42,9 @@ from ansible_collections.gpunode.bringup.plugins.module_utils._fleet import (
 )
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import K8sClient
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_names import (
+    DIGEST_RE,
+    REPOSITORY_RE,
+    TAG_RE,
     check_dns_subdomain,
     check_label_key,
     check_labels,
@@ -97,12 +100,6 @@ CONFIG_ENV_VARS = ("CONFIG_FILE", "MIG_STRATEGY", "FAIL_ON_INIT_ERROR", "DEVICE_
                    "DEVICE_ID_STRATEGY")
 
 ENV_NAME_RE = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
-# Image references, after the distribution/reference grammar.
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?))*(?::[0-9]+)?"
-REPOSITORY_RE = re.compile(r"(?:%s/)?%s(?:/%s)*" % (_DOMAIN, _PATH_COMPONENT, _PATH_COMPONENT))
-TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
-DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 QUANTITY_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+|[KMGTPE]i|[mkMGTPE])?")
 SHARING_RESOURCE_RE = re.compile(r"nvidia\.com/(?:gpu|mig-\d+g\.\d+gb(?:[.+][a-z0-9]+)*)")
 NODE_SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")

@@ -46,6 +46,12 @@ else:
     KUBERNETES_IMPORT_ERROR = None
 
 try:
+    from yaml import YAMLError
+except ImportError:  # PyYAML comes with kubernetes
+    class YAMLError(Exception):  # type: ignore[no-redef]
+        """Stand-in."""
+
+try:
     from urllib3.exceptions import HTTPError as Urllib3Error
 except ImportError:  # urllib3 comes with kubernetes; without it nothing here runs anyway
     class Urllib3Error(Exception):  # type: ignore[no-redef]
@@ -108,8 +114,10 @@ def build_configuration(params: Dict[str, Any]) -> Any:
         except ConfigException as exc:
             raise InvalidOptionError("kubeconfig %s: %s" % (kubeconfig or "~/.kube/config", exc),
                                      action="check the kubeconfig file and the context name")
-        except (ValueError, TypeError, KeyError) as exc:
-            raise InvalidOptionError("kubeconfig %s is malformed: %s" % (kubeconfig or "~/.kube/config", exc))
+        except (ValueError, TypeError, KeyError, YAMLError) as exc:
+            raise InvalidOptionError("kubeconfig %s is malformed: %s" % (kubeconfig or "~/.kube/config",
+                                                                       str(exc).splitlines()[0] if str(exc) else exc),
+                                     action="check that the file is a kubeconfig (YAML with clusters, users, contexts)")
     if params.get("host"):
         configuration.host = params["host"].rstrip("/")
     if params.get("api_key"):
@@ -129,6 +137,9 @@ def build_configuration(params: Dict[str, Any]) -> Any:
             setattr(configuration, attribute, params[option])
     if params.get("proxy"):
         configuration.proxy = params["proxy"]
+    # K8sClient.call retries (bounded by api_retries, with backoff): urllib3 inside the client must
+    # not retry as well, or one call becomes up to 4 requests per attempt on the wire
+    configuration.retries = False
     return configuration
 
 

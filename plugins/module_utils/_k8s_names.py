@@ -20,6 +20,30 @@ LABEL_NAME_RE = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?")
 LABEL_VALUE_RE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 
 
+# Image references, after the distribution/reference grammar.
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?))*(?::[0-9]+)?"
+REPOSITORY_RE = re.compile(r"(?:%s/)?%s(?:/%s)*" % (_DOMAIN, _PATH_COMPONENT, _PATH_COMPONENT))
+TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
+
+
+def check_image_reference(option: str, reference: Any) -> str:
+    """A full image reference: repository[:tag][@sha256:digest]."""
+    text = reference if isinstance(reference, str) else ""
+    rest, _at, digest = text.partition("@")
+    repository, tag = rest, ""
+    if ":" in rest.rsplit("/", 1)[-1]:
+        repository, _colon, tag = rest.rpartition(":")
+    ok = (bool(repository) and len(repository) <= 255 and REPOSITORY_RE.fullmatch(repository) is not None
+          and (not tag or TAG_RE.fullmatch(tag) is not None) and (not digest or DIGEST_RE.fullmatch(digest) is not None))
+    if not ok:
+        raise InvalidOptionError("%s %r is not a valid image reference: [registry[:port]/]path[:tag][@sha256:digest] "
+                                 "with lower-case path components, for example "
+                                 "nvcr.io/nvidia/cuda:12.4.1-base-ubuntu22.04" % (option, reference))
+    return text
+
+
 def label_text(value: Any) -> str:
     """A label or env value as Kubernetes stores it: YAML's true is "true", not "True"."""
     if isinstance(value, bool):

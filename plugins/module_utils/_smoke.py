@@ -23,6 +23,10 @@ from typing import Any, Callable, Dict, List, Optional
 from ansible_collections.gpunode.bringup.plugins.module_utils._errors import InvalidOptionError, K8sError
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_apply import call_json
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import is_not_found
+from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_names import (
+    check_dns_subdomain,
+    check_image_reference,
+)
 from ansible_collections.gpunode.bringup.plugins.module_utils._wait import Deadline, ListWatch, Objects, wait_until
 
 DEFAULT_IMAGE = "nvcr.io/nvidia/cuda:12.4.1-base-ubuntu22.04"
@@ -60,12 +64,10 @@ class SmokeRequest:
     tolerations: Optional[List[Dict[str, Any]]] = None
 
     def validate(self) -> None:
-        if not self.node:
-            raise InvalidOptionError("node must be a node name, got an empty string")
+        check_dns_subdomain("node", self.node)
         if not DNS_LABEL.match(self.namespace or "") or len(self.namespace) > 63:
             raise InvalidOptionError("namespace %r is not a valid namespace name" % self.namespace)
-        if not (self.image or "").strip():
-            raise InvalidOptionError("image must not be empty")
+        check_image_reference("image", self.image)
         if not self.command or not all(isinstance(arg, str) for arg in self.command) or not self.command[0]:
             raise InvalidOptionError("command must be a non-empty list, for example ['nvidia-smi', '-L']")
         if not self.resource_name or "/" not in self.resource_name:
