@@ -154,14 +154,23 @@ def _parse_step(raw: Dict[str, Any], where: str) -> Step:
                 description=str(raw.get("description", "")), remediations=remediations, after=raw.get("after"))
 
 
-def step_findings(step: Step, facts: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The failing findings (not warnings) of the step's source that carry one of its codes."""
+def _owned_findings(step: Step, facts: Dict[str, Any]) -> List[Dict[str, Any]]:
     if not step.source or not step.codes:
         return []
     source = facts.get(step.source) or {}
     findings = source.get("findings") or [] if isinstance(source, dict) else []
-    return [f for f in findings if isinstance(f, dict) and f.get("code") in step.codes
-            and f.get("severity") not in PASSING_SEVERITIES]
+    return [f for f in findings if isinstance(f, dict) and f.get("code") in step.codes]
+
+
+def step_findings(step: Step, facts: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The failing findings (not warnings) of the step's source that carry one of its codes."""
+    return [f for f in _owned_findings(step, facts) if f.get("severity") not in PASSING_SEVERITIES]
+
+
+def step_warnings(step: Step, facts: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Findings of the step that do not fail it (a pending row remap, persistence off): the step
+    is ok, and the report still tells the operator."""
+    return [f for f in _owned_findings(step, facts) if f.get("severity") in PASSING_SEVERITIES]
 
 
 def evaluate(steps: List[Step], facts: Dict[str, Any], policy: Policy) -> Evaluation:
@@ -185,7 +194,7 @@ def evaluate(steps: List[Step], facts: Dict[str, Any], policy: Policy) -> Evalua
                 evidence = evidence + [{"code": "check_failed", "message": "%s is %s" % (
                     step.check, json.dumps(value, default=str))}]
         if ok:
-            results.append(StepResult(step.name, "ok"))
+            results.append(StepResult(step.name, "ok", step_warnings(step, facts)))
             continue
         failed = step
         failed_evidence = evidence
@@ -270,11 +279,14 @@ def summarize(node: str, steps: List[Dict[str, Any]], actions: List[Dict[str, An
             next_action = "%s (%s)" % (proposal["description"], proposal["refused"])
         elif proposal and check_mode:
             next_action = "would %s" % proposal["description"]
+    warnings = [dict(w, step=s["step"]) for s in steps if s["verdict"] in ("ok", "fixed")
+                for w in s.get("evidence") or [] if w.get("severity") in PASSING_SEVERITIES]
     return {
         "node": node,
         "verdict": verdict,
         "failed_step": failed[0]["step"] if failed else None,
         "steps": steps,
+        "warnings": warnings,
         "actions": actions,
         "next_action": skipped_reason or next_action,
         "check_mode": check_mode,
@@ -317,6 +329,10 @@ def report_table(reports: List[Dict[str, Any]], step_names: List[str]) -> List[s
         done = [a for a in report.get("actions", []) if a.get("done")]
         if done:
             lines.append("%s: did %s" % (report["node"], ", ".join("%s (%s)" % (a["description"], a["step"]) for a in done)))
+        for warning in report.get("warnings", []):
+            gpu = " GPU %s" % warning["gpu"] if warning.get("gpu") is not None else ""
+            lines.append("%s: warning%s (%s): %s%s" % (report["node"], gpu, warning.get("code"), warning.get("message"),
+                                                       ". Next: %s" % warning["action"] if warning.get("action") else ""))
         if report["verdict"] in ("failed", "skipped") and report.get("next_action"):
             where = " at step %s" % report["failed_step"] if report.get("failed_step") else ""
             lines.append("%s: %s%s. Next: %s" % (report["node"], report["verdict"].upper(), where, report["next_action"]))

@@ -102,9 +102,8 @@ def test_disruptive_remediation_is_opt_in_and_refused_on_busy_gpus(fleet):
     refused = fleet.playbook("gpu_node_remediate.yml")
     node = refused.node_report("gpu-node-02")
     assert refused.rc != 0 and node["verdict"] == "failed"
-    assert node["failed_step"] in ("node", "registration")
-    if node["failed_step"] == "registration":
-        assert "gpunode_allow_disruptive=true" in node["next_action"]
+    assert node["failed_step"] in ("node", "registration")  # NotReady, or the socket gone before the API saw it
+    assert "restart the kubelet" in node["next_action"] and "gpunode_allow_disruptive=true" in node["next_action"]
 
     fleet.fix("gpu-node-02", "kubelet_down")
     fleet.break_("gpu-node-01", "driver_library_mismatch")

@@ -51,7 +51,8 @@ def test_healthy_node_is_ok_everywhere_and_workload_skipped(plan):
 
 
 @pytest.mark.parametrize("source,code,step,action,disruptive", [
-    ("fleet", "node_not_ready", "node", None, None),
+    ("fleet", "node_not_ready", "node", "restart_kubelet", True),
+    ("fleet", "api_unreachable", "node", None, None),
     ("nvml", "driver_not_loaded", "driver", "load_kernel_modules", False),
     ("nvml", "driver_library_mismatch", "driver", "reboot", True),
     ("nvml", "gpu_lost", "driver", None, None),
@@ -90,10 +91,15 @@ def test_lowest_break_wins(plan):
     assert verdicts(evaluation)["socket"] == "skipped"
 
 
-def test_warnings_do_not_fail_a_step(plan):
-    evaluation = _plan.evaluate(_plan.parse_steps(plan), facts(nvml=[finding("persistence_mode_off", "warning")]),
-                                _plan.Policy())
+def test_warnings_do_not_fail_a_step_but_reach_the_report(plan):
+    warning = dict(finding("remapped_rows_pending", "warning", action="reset the GPU when idle"), gpu=3)
+    evaluation = _plan.evaluate(_plan.parse_steps(plan), facts(nvml=[warning]), _plan.Policy())
     assert evaluation.failed_step is None
+    assert evaluation.steps[1].verdict == "ok" and evaluation.steps[1].evidence == [warning]
+    report = _plan.summarize("gpu-1", _plan.merge_rounds([evaluation.to_dict()], []), [], None, False)
+    assert report["verdict"] == "ok" and [w["code"] for w in report["warnings"]] == ["remapped_rows_pending"]
+    lines = _plan.report_table([report], ["node", "driver"])
+    assert "gpu-1: warning GPU 3 (remapped_rows_pending): remapped rows pending. Next: reset the GPU when idle" in lines
 
 
 def test_next_action_comes_from_the_findings(plan):
