@@ -204,6 +204,10 @@ class K8sClient:
     def _translate(self, what: str, exc: ApiException, attempt: int) -> K8sError:
         status = getattr(exc, "status", None) or 0
         message = _status_message(exc)
+        if status == 0:  # no HTTP answer at all: TLS refused the server, or the connection failed
+            return K8sError("%s: cannot reach the Kubernetes API at %s: %s" % (what, self.configuration.host, message),
+                            action="check the API address and its TLS trust: ca_cert / validate_certs or the "
+                                   "kubeconfig's certificate-authority (an expired or foreign certificate fails here)")
         if status == 401:
             return K8sError("%s: unauthorized (HTTP 401): the API rejected the credentials" % what,
                             action="check api_key / the kubeconfig user, the token may be wrong or expired",

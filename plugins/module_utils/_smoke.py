@@ -20,7 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from ansible_collections.gpunode.bringup.plugins.module_utils._errors import InvalidOptionError, K8sError
+from ansible_collections.gpunode.bringup.plugins.module_utils._errors import (
+    InvalidOptionError,
+    K8sError,
+    K8sForbiddenError,
+)
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_apply import call_json
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import is_not_found
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_names import (
@@ -243,6 +247,8 @@ class SmokeTest:
             text = self.client.call("read log of pod %s/%s" % (self.request.namespace, name),
                                     self.client.core.read_namespaced_pod_log, name, self.request.namespace,
                                     container=CONTAINER, tail_lines=LOG_TAIL_LINES)
+        except K8sForbiddenError:
+            raise  # a missing RBAC rule is the operator's to fix, not an empty log
         except K8sError:
             return None
         return text if isinstance(text, str) else None
