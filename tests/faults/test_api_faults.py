@@ -1,0 +1,303 @@
+"""Cluster-wide and API faults on a small lab fleet (3 nodes).
+
+- daemonset_missing (cluster-wide): remediate re-applies the DaemonSet, the rerun changes nothing.
+- The lab API server's injected faults (429 with Retry-After, 500, dropped connections, slow
+  answers) on the reads of the verify playbook (list nodes, list pods, get daemonsets) and on the
+  writes of the remediate playbook (delete pods, patch nodes, create/delete leases; and the watch
+  of the restart's wait): a few faults are absorbed by the client's retries (api_retries: 4, so
+  5 attempts) and the run reports as without them; a fault that outlasts the retries fails the
+  run naming the call and "after 5 attempts", and leaves nothing half done.
+
+Scenarios run once each (memoized), in the order of the tests that need them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from faultlab import FaultFleet
+
+CONTROL, CRASH, LABEL = "gpu-node-01", "gpu-node-02", "gpu-node-03"
+ATTEMPTS = 5  # api_retries default 4, plus the first attempt
+
+
+def fault(verb: str, resource: str, kind: str, count: int = 1, delay_s: float = 1.0) -> Dict[str, Any]:
+    return {"verb": verb, "resource": resource, "kind": kind, "count": count, "delay_s": delay_s}
+
+
+class Outcome:
+    """One playbook run under API faults and what the API and the lab looked like after it."""
+
+    def __init__(self, fleet: FaultFleet, run: Any, before: Dict[str, Any]) -> None:
+        self.run = run
+        self.counters = fleet.counters()
+        self.requests: Dict[str, Dict[str, int]] = self.counters["requests"]
+        self.writes = fleet.write_requests()
+        self.faults_left = fleet.api_faults()
+        fleet.clear_api_faults()
+        self.leases = fleet.leases()
+        self.status = fleet.nodes_status()
+        self.pods_before = before["pods"]
+        self.pods = fleet.plugin_pods()
+
+    def hits(self, verb: str, resource: str) -> int:
+        return int(self.requests.get(verb, {}).get(resource, 0))
+
+    def report(self, node: str) -> Dict[str, Any]:
+        return self.run.node_report(node)
+
+
+class Scenarios:
+    def __init__(self, fleet: FaultFleet) -> None:
+        self.fleet = fleet
+        self.done: Dict[str, Outcome] = {}
+
+    def _break_targets(self) -> None:
+        """gpu-node-02: the plugin crash-loops (fix: delete the pod); gpu-node-03: GPU label missing
+        (fix: label the node)."""
+        status = self.fleet.nodes_status()
+        if "plugin_crash" not in (status[CRASH].get("faults") or {}):
+            self.fleet.break_(CRASH, "plugin_crash", signature="nvml_init_failed")
+        if status[LABEL].get("gpu_label") is not None:
+            self.fleet.break_(LABEL, "label_missing")
+        # (the lab's node runtime keeps the record of a deleted pod: watch what the kubelet advertises)
+        self.fleet.wait_for("faults visible", lambda s: (s[CRASH].get("plugin_pod") or {}).get("running") is False
+                            and s[LABEL].get("allocatable") == "0", timeout=30)
+
+    def get(self, name: str) -> Outcome:
+        if name not in self.done:
+            playbook, faults, targets = SCENARIOS[name]
+            if name == "daemonset_missing":
+                self._drop_daemonset()
+            if targets:
+                self._break_targets()
+            self.done[name] = self.play(name, playbook, faults)
+        return self.done[name]
+
+    def _drop_daemonset(self) -> None:
+        self.fleet.control("break", node="cluster", fault="daemonset_missing", args={})
+        # the lab's node runtime keeps the last pod's record: wait on what the kubelets advertise
+        self.fleet.wait_for("plugin pods gone", lambda status: all(e.get("allocatable") == "0"
+                                                                   for e in status.values()), timeout=30)
+        assert self.fleet.status()["daemonsets"] == []
+
+    def play(self, name: str, playbook: str, faults: List[Dict[str, Any]]) -> Outcome:
+        before = {"pods": self.fleet.plugin_pods()}
+        self.fleet.clear_api_faults()
+        self.fleet.reset_counters()
+        if faults:
+            self.fleet.add_api_faults(*faults)
+        run = self.fleet.run(playbook, tag="api-" + name)
+        print("api faults: %s (%s) %.1f s" % (name, playbook, run.seconds))
+        return Outcome(self.fleet, run, before)
+
+
+VERIFY, REMEDIATE = "gpu_node_verify.yml", "gpu_node_remediate.yml"
+# name: (playbook, API faults armed for the run, break gpu-node-02 and gpu-node-03 first)
+SCENARIOS: Dict[str, Tuple[str, List[Dict[str, Any]], bool]] = {
+    "daemonset_missing": (REMEDIATE, [], False),
+    # the rerun, with a few failures on each read of the plan: absorbed, nothing to do
+    "daemonset_missing rerun, few read faults": (REMEDIATE, [
+        fault("get", "daemonsets", "500", 2), fault("list", "nodes", "429", 2), fault("list", "pods", "drop", 2)],
+        False),
+    # the verify playbook, a few failures on each read: absorbed (a slow answer too)
+    "verify, few read faults": (VERIFY, [
+        fault("list", "nodes", "500", 2), fault("list", "nodes", "slow", 1, delay_s=2.0),
+        fault("list", "pods", "429", 2), fault("get", "daemonsets", "drop", 2)], False),
+    # reads that never succeed
+    "list pods: 429 until cleared": (VERIFY, [fault("list", "pods", "429", 0)], False),
+    "get daemonsets: dropped until cleared": (VERIFY, [fault("get", "daemonsets", "drop", 0)], False),
+    # writes of the remediate playbook
+    "writes, few faults": (REMEDIATE, [
+        fault("delete", "pods", "500", 2), fault("patch", "nodes", "429", 1), fault("create", "leases", "drop", 1),
+        fault("delete", "leases", "500", 1)], True),
+    "delete pods and patch nodes: 500 until cleared": (REMEDIATE, [
+        fault("delete", "pods", "500", 0), fault("patch", "nodes", "500", 0)], True),
+    "create leases: 500 until cleared": (REMEDIATE, [fault("create", "leases", "500", 0)], True),
+    "watch pods: 500 until cleared": (REMEDIATE, [fault("watch", "pods", "500", 0)], True),
+}
+
+
+@pytest.fixture(scope="module")
+def scenarios():
+    fleet = FaultFleet(nodes=3).up()
+    try:
+        # the DaemonSet, by a bring-up whose plan runs on one node only
+        deploy = fleet.run("gpu_node_bringup.yml", limit=CONTROL + ",localhost")
+        assert deploy.rc == 0, deploy.output[-4000:]
+        fleet.wait_advertising(fleet.node_names)
+        yield Scenarios(fleet)
+    finally:
+        fleet.down()
+
+
+# ---- daemonset_missing ----------------------------------------------------------------------------
+def test_daemonset_missing_is_reapplied(scenarios):
+    out = scenarios.get("daemonset_missing")
+    assert out.run.rc == 0, out.run.output[-4000:]
+    for node in (CONTROL, CRASH, LABEL):
+        report = out.report(node)
+        assert report["verdict"] == "fixed", report
+        assert out.run.steps(node)["daemonset"] == "fixed"
+        assert [a["action"] for a in report["actions"]] == ["apply_daemonset"], report
+    assert all(e["allocatable"] == "8" for e in out.status.values()), out.status
+    assert out.leases == []
+    # the fix: the DaemonSet applied again (its ConfigMap is still there: not rewritten), a Lease per
+    # node, nothing else. Every node of the batch runs the action; the module reads before it applies,
+    # so the nodes that read after the first apply write nothing: 1 to 3 applies, by timing.
+    writes = dict(out.writes)
+    patches = writes.pop("patch")
+    assert writes == {"create": {"leases": 3}, "delete": {"leases": 3}}, out.writes
+    assert list(patches) == ["daemonsets"] and 1 <= patches["daemonsets"] <= 3, out.writes
+
+
+def test_daemonset_missing_rerun_absorbs_read_faults_and_changes_nothing(scenarios):
+    scenarios.get("daemonset_missing")
+    out = scenarios.get("daemonset_missing rerun, few read faults")
+    assert out.run.rc == 0, out.run.output[-4000:]
+    assert out.run.report["counts"] == {"ok": 3, "fixed": 0, "failed": 0, "skipped": 0}
+    assert all(out.run.changed(h) == 0 for h in out.run.recap), out.run.recap
+    assert out.writes == {}
+    # each faulted read, then the one that answered
+    assert (out.hits("get", "daemonsets"), out.hits("list", "nodes"), out.hits("list", "pods")) == (3, 3, 3)
+    assert out.faults_left == {"faults": []}
+
+
+# ---- reads ---------------------------------------------------------------------------------------
+def test_read_faults_within_the_retries_are_absorbed(scenarios):
+    out = scenarios.get("verify, few read faults")
+    assert out.run.rc == 0, out.run.output[-4000:]
+    assert out.run.report["counts"] == {"ok": 3, "fixed": 0, "failed": 0, "skipped": 0}
+    # each faulted read, then the one that answered (the slow one answers after 2 s)
+    assert (out.hits("list", "nodes"), out.hits("list", "pods"), out.hits("get", "daemonsets")) == (3, 3, 3)
+    assert out.counters["writes"] == 0 and out.counters["dryRunWrites"] == 0
+    assert out.faults_left == {"faults": []}
+
+
+READ_OUTAGES = {
+    # scenario: (the call named in the error, how it failed)
+    "list pods: 429 until cleared": ("list plugin pods in kube-system (name=nvidia-device-plugin-ds)",
+                                     "the API answered HTTP 429 after %d attempts" % ATTEMPTS),
+    "get daemonsets: dropped until cleared": ("get DaemonSet kube-system/nvidia-device-plugin-daemonset",
+                                              "cannot reach the Kubernetes API at"),
+}
+
+
+@pytest.mark.parametrize("name", list(READ_OUTAGES))
+def test_read_faults_beyond_the_retries_fail_clearly(scenarios, name):
+    call, how = READ_OUTAGES[name]
+    out = scenarios.get(name)
+    assert out.run.rc != 0
+    assert out.counters["writes"] == 0
+    # the report is still written: the node step fails with the API error, naming the call
+    report = out.report(CONTROL)
+    assert report["verdict"] == "failed" and report["failed_step"] == "node", report
+    node_step = next(s for s in report["steps"] if s["step"] == "node")
+    messages = [e["message"] for e in node_step["evidence"] if e.get("code") == "api_unreachable"]
+    assert messages and messages[0].startswith(call + ": ") and how in messages[0], node_step
+    assert "after %d attempts" % ATTEMPTS in messages[0]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug (roles/gpu_node/tasks/fleet.yml): the batch's fleet read is run_once inside a block; when it "
+    "fails, only the host that ran it (the first of the batch) gets the rescue and its api_unreachable "
+    "finding; the other hosts of the batch leave the play silently (recap failed=0, their node-side checks "
+    "never run) and are reported as 'the plan did not finish on this host'"))
+@pytest.mark.parametrize("name", list(READ_OUTAGES))
+def test_an_api_outage_is_reported_on_every_node_of_the_batch(scenarios, name):
+    out = scenarios.get(name)
+    for node in (CONTROL, CRASH, LABEL):
+        report = out.report(node)
+        assert report["failed_step"] == "node", report
+        assert out.run.recap[node]["failed"] == 1, out.run.recap
+
+
+@pytest.mark.parametrize("name,verb,resource", [
+    ("list pods: 429 until cleared", "list", "pods"),
+    ("get daemonsets: dropped until cleared", "get", "daemonsets"),
+    ("delete pods and patch nodes: 500 until cleared", "delete", "pods"),
+    ("delete pods and patch nodes: 500 until cleared", "patch", "nodes"),
+])
+def test_api_retries_bound_the_requests_on_the_wire(scenarios, name, verb, resource):
+    """api_retries (4) bounds what reaches the server: urllib3's own retries (429 with
+    Retry-After, dropped connections on idempotent requests) are off in K8sClient."""
+    out = scenarios.get(name)
+    assert out.hits(verb, resource) == ATTEMPTS, out.requests
+
+
+# ---- writes --------------------------------------------------------------------------------------
+def test_write_faults_within_the_retries_are_absorbed(scenarios):
+    out = scenarios.get("writes, few faults")
+    assert out.run.rc == 0, out.run.output[-4000:]
+    assert out.report(CONTROL)["verdict"] == "ok" and out.run.changed(CONTROL) == 0
+    assert [(a["action"], a["done"]) for a in out.report(CRASH)["actions"]] == [("restart_plugin", True)]
+    assert [(a["action"], a["done"]) for a in out.report(LABEL)["actions"]] == [("add_node_label", True)]
+    assert out.report(CRASH)["verdict"] == out.report(LABEL)["verdict"] == "fixed"
+    # the faulted writes and the ones that went through: 2 Leases, 1 pod delete, 1 label patch
+    assert out.writes == {"create": {"leases": 3}, "delete": {"leases": 3, "pods": 3}, "patch": {"nodes": 2}}
+    assert out.leases == []
+    assert out.pods[CONTROL] == out.pods_before[CONTROL] and out.pods[CRASH] != out.pods_before[CRASH]
+    assert out.status[LABEL]["gpu_label"] == "true"
+
+
+def test_write_faults_beyond_the_retries_fail_clearly_and_undo_nothing_half(scenarios):
+    out = scenarios.get("delete pods and patch nodes: 500 until cleared")
+    assert out.run.rc != 0
+    crash, label = out.report(CRASH), out.report(LABEL)
+    assert crash["verdict"] == "failed" and crash["failed_step"] == "plugin_pod", crash
+    assert label["verdict"] == "failed" and label["failed_step"] == "scheduling", label
+    old_pod = out.pods_before[CRASH]
+    assert ("delete pod kube-system/%s: the API answered HTTP 500 after %d attempts" % (old_pod, ATTEMPTS)
+            in crash["next_action"]), crash
+    assert ("patch node %s (label nvidia.com/gpu.present=true): the API answered HTTP 500 after %d attempts"
+            % (LABEL, ATTEMPTS) in label["next_action"]), label
+    assert [(a["action"], a["done"]) for a in crash["actions"]] == [("restart_plugin", False)]
+    assert [(a["action"], a["done"]) for a in label["actions"]] == [("add_node_label", False)]
+    # nothing half done: the pod and the label as they were, each Lease taken and given back
+    assert out.pods == out.pods_before
+    assert out.status[LABEL]["gpu_label"] is None
+    assert out.writes == {"create": {"leases": 2}, "delete": {"leases": 2, "pods": ATTEMPTS},
+                          "patch": {"nodes": ATTEMPTS}}
+    assert out.leases == []
+    assert out.report(CONTROL)["verdict"] == "ok" and out.run.changed(CONTROL) == 0
+
+
+def test_lease_create_beyond_the_retries_changes_nothing(scenarios):
+    out = scenarios.get("create leases: 500 until cleared")
+    assert out.run.rc != 0
+    for node, step in ((CRASH, "plugin_pod"), (LABEL, "scheduling")):
+        report = out.report(node)
+        assert report["verdict"] == "skipped" and report["failed_step"] == step, report
+        assert report["next_action"].startswith(
+            "could not take the node's Lease, nothing was changed: create lease kube-system/gpunode-bringup-%s: "
+            "the API answered HTTP 500 after %d attempts" % (node, ATTEMPTS)), report
+        assert report["actions"] == [] and out.run.changed(node) == 0
+    assert out.report(CONTROL)["verdict"] == "ok"
+    assert out.writes == {"create": {"leases": 2 * ATTEMPTS}}
+    assert out.leases == [] and out.pods == out.pods_before and out.status[LABEL]["gpu_label"] is None
+
+
+def test_a_failed_wait_after_a_delete_is_in_the_json_report(scenarios):
+    out = scenarios.get("watch pods: 500 until cleared")
+    crash = out.report(CRASH)
+    restart = [a for a in crash["actions"] if a["action"] == "restart_plugin"]
+    # the pod was deleted, the wait for its replacement failed: the action says so, and why
+    assert out.pods[CRASH] != out.pods_before[CRASH]
+    assert restart and restart[0]["done"] is False, crash
+    assert re.search(r"^watch device plugin pods .* after %d attempts" % ATTEMPTS, restart[0]["error"]), restart
+    assert out.writes.get("delete", {}).get("pods") == 1 and out.leases == []
+    # gpu-node-03's label went through (its wait found the new pod at its first LIST: no watch)
+    assert out.status[LABEL]["gpu_label"] == "true"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "gap (plugins/module_utils/_plan.py summarize/report_table): a node whose plugin pod was deleted but whose "
+    "restart wait failed ends with verdict 'ok' when the next look finds it healthy; the terminal table shows "
+    "it as OK and prints no line for it (report_table lists only actions done), so the deleted pod and the "
+    "failed wait are only in the JSON report's actions"))
+def test_a_failed_wait_after_a_delete_is_in_the_table(scenarios):
+    out = scenarios.get("watch pods: 500 until cleared")
+    assert out.report(CRASH)["verdict"] != "ok"
+    assert re.search(r'"%s: .*(restart|plugin pod)' % CRASH, out.run.output)
