@@ -115,8 +115,8 @@ def build_configuration(params: Dict[str, Any]) -> Any:
             raise InvalidOptionError("kubeconfig %s: %s" % (kubeconfig or "~/.kube/config", exc),
                                      action="check the kubeconfig file and the context name")
         except (ValueError, TypeError, KeyError, YAMLError) as exc:
-            raise InvalidOptionError("kubeconfig %s is malformed: %s" % (kubeconfig or "~/.kube/config",
-                                                                       str(exc).splitlines()[0] if str(exc) else exc),
+            reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise InvalidOptionError("kubeconfig %s is malformed: %s" % (kubeconfig or "~/.kube/config", reason),
                                      action="check that the file is a kubeconfig (YAML with clusters, users, contexts)")
     if params.get("host"):
         configuration.host = params["host"].rstrip("/")

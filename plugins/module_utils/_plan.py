@@ -258,7 +258,8 @@ def merge_rounds(rounds: List[Dict[str, Any]], actions: List[Dict[str, Any]]) ->
     for result in final:
         done = acted.get(result["step"], [])
         result["actions"] = [a["action"] for a in done]
-        if result["verdict"] == "ok" and any(a.get("done") for a in done):
+        # an action that ran (even one whose wait then failed) and a step that is ok now: fixed
+        if result["verdict"] == "ok" and done:
             result["verdict"] = "fixed"
     return final
 
@@ -329,6 +330,10 @@ def report_table(reports: List[Dict[str, Any]], step_names: List[str]) -> List[s
         done = [a for a in report.get("actions", []) if a.get("done")]
         if done:
             lines.append("%s: did %s" % (report["node"], ", ".join("%s (%s)" % (a["description"], a["step"]) for a in done)))
+        for action in report.get("actions", []):
+            if not action.get("done"):
+                lines.append("%s: tried to %s (%s): %s" % (report["node"], action["description"], action["step"],
+                                                          action.get("error") or "failed"))
         for warning in report.get("warnings", []):
             gpu = " GPU %s" % warning["gpu"] if warning.get("gpu") is not None else ""
             lines.append("%s: warning%s (%s): %s%s" % (report["node"], gpu, warning.get("code"), warning.get("message"),

@@ -200,11 +200,6 @@ def test_read_faults_beyond_the_retries_fail_clearly(scenarios, name):
     assert "after %d attempts" % ATTEMPTS in messages[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (roles/gpu_node/tasks/fleet.yml): the batch's fleet read is run_once inside a block; when it "
-    "fails, only the host that ran it (the first of the batch) gets the rescue and its api_unreachable "
-    "finding; the other hosts of the batch leave the play silently (recap failed=0, their node-side checks "
-    "never run) and are reported as 'the plan did not finish on this host'"))
 @pytest.mark.parametrize("name", list(READ_OUTAGES))
 def test_an_api_outage_is_reported_on_every_node_of_the_batch(scenarios, name):
     out = scenarios.get(name)
@@ -292,11 +287,6 @@ def test_a_failed_wait_after_a_delete_is_in_the_json_report(scenarios):
     assert out.status[LABEL]["gpu_label"] == "true"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gap (plugins/module_utils/_plan.py summarize/report_table): a node whose plugin pod was deleted but whose "
-    "restart wait failed ends with verdict 'ok' when the next look finds it healthy; the terminal table shows "
-    "it as OK and prints no line for it (report_table lists only actions done), so the deleted pod and the "
-    "failed wait are only in the JSON report's actions"))
 def test_a_failed_wait_after_a_delete_is_in_the_table(scenarios):
     out = scenarios.get("watch pods: 500 until cleared")
     assert out.report(CRASH)["verdict"] != "ok"

@@ -117,8 +117,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
         timer.cancel()
 
 
-
-
 def restart_task(name: str, check_mode: bool = False, **args: Any) -> Dict[str, Any]:
     task: Dict[str, Any] = {"name": name, "gpunode.bringup.device_plugin_restart": args, "diff": True}
     if check_mode:

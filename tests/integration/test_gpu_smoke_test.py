@@ -93,8 +93,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     server.stop()
 
 
-
-
 def smoke_task(name: str, check_mode: bool = False, **args: Any) -> Dict[str, Any]:
     task: Dict[str, Any] = {"name": name, "gpunode.bringup.gpu_smoke_test": dict({"node": "gpu-a"}, **args)}
     if check_mode:

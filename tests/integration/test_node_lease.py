@@ -54,8 +54,6 @@ def lease_of(server: LabApiServer, node: str) -> Any:
     return server.store.get_object("coordination.k8s.io/v1", "Lease", NS, "gpunode-bringup-" + node)
 
 
-
-
 def lease_task(name: str, check_mode: bool = False, **args: Any) -> Dict[str, Any]:
     task: Dict[str, Any] = {"name": name, "gpunode.bringup.node_lease": args, "diff": True}
     if check_mode:

@@ -107,10 +107,10 @@ def test_disruptive_remediation_is_opt_in_and_refused_on_busy_gpus(fleet):
 
     fleet.fix("gpu-node-02", "kubelet_down")
     fleet.break_("gpu-node-01", "driver_library_mismatch")
-    fleet.break_("gpu-node-01", "gpu_in_use", pod="ml/train-0", count="2")
+    fleet.break_("gpu-node-01", "gpu_in_use", pod="train-0", namespace="ml", count="2")
     busy = fleet.playbook("gpu_node_remediate.yml", "-e", "gpunode_allow_disruptive=true")
     node = busy.node_report("gpu-node-01")
-    assert node["failed_step"] == "driver" and "ml/train-0" in node["next_action"]
+    assert node["failed_step"] == "driver" and "GPUs are in use by ml/train-0" in node["next_action"]
 
     fleet.fix("gpu-node-01", "gpu_in_use")
     allowed = fleet.playbook("gpu_node_remediate.yml", "-e", "gpunode_allow_disruptive=true")

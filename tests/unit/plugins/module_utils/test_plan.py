@@ -198,6 +198,17 @@ def test_fixed_after_an_action_and_report_table(plan):
     assert any(line.startswith("gpu-2: FAILED at step plugin_pod") for line in lines)
 
 
+def test_an_action_whose_wait_failed_but_the_step_is_ok_now_is_fixed_and_shown(plan):
+    steps = _plan.parse_steps(plan)
+    first = _plan.evaluate(steps, facts(fleet=[finding("plugin_pod_crashloop")]), _plan.Policy()).to_dict()
+    second = _plan.evaluate(steps, facts(), _plan.Policy()).to_dict()
+    actions = [dict(first["proposal"], done=False, error="watch pods: HTTP 500")]
+    report = _plan.summarize("gpu-1", _plan.merge_rounds([first, second], actions), actions, None, False)
+    assert report["verdict"] == "fixed"
+    lines = _plan.report_table([report], [s.name for s in steps])
+    assert "gpu-1: tried to delete the plugin pod so the DaemonSet recreates it (plugin_pod): watch pods: HTTP 500" in lines
+
+
 def test_failed_action_is_in_the_next_action(plan):
     steps = _plan.parse_steps(plan)
     first = _plan.evaluate(steps, facts(fleet=[finding("plugin_pod_crashloop")]), _plan.Policy()).to_dict()
