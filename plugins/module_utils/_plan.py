@@ -332,8 +332,8 @@ def report_table(reports: List[Dict[str, Any]], step_names: List[str]) -> List[s
             lines.append("%s: did %s" % (report["node"], ", ".join("%s (%s)" % (a["description"], a["step"]) for a in done)))
         for action in report.get("actions", []):
             if not action.get("done"):
-                lines.append("%s: tried to %s (%s): %s" % (report["node"], action["description"], action["step"],
-                                                          action.get("error") or "failed"))
+                error = action.get("error") or "failed"
+                lines.append("%s: tried to %s (%s): %s" % (report["node"], action["description"], action["step"], error))
         for warning in report.get("warnings", []):
             gpu = " GPU %s" % warning["gpu"] if warning.get("gpu") is not None else ""
             lines.append("%s: warning%s (%s): %s%s" % (report["node"], gpu, warning.get("code"), warning.get("message"),
