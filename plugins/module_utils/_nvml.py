@@ -54,8 +54,11 @@ NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
 NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
 NVML_ERROR_UNKNOWN = 999
+
+MIB = 1024 * 1024
 
 NVML_ERROR_NAMES: Dict[int, str] = {
     1: "UNINITIALIZED", 2: "INVALID_ARGUMENT", 3: "NOT_SUPPORTED", 4: "NO_PERMISSION",
@@ -165,6 +168,7 @@ class GpuReading:
     serial: Optional[str] = None
     memory_total_mib: Optional[int] = None
     memory_used_mib: Optional[int] = None
+    memory_reserved_mib: Optional[int] = None
     persistence_mode: Optional[bool] = None
     mig_mode_current: Optional[bool] = None
     mig_mode_pending: Optional[bool] = None
@@ -199,7 +203,8 @@ class GpuReading:
             "name": self.name,
             "pci_bus_id": self.pci_bus_id,
             "serial": self.serial,
-            "memory": {"total_mib": self.memory_total_mib, "used_mib": self.memory_used_mib},
+            "memory": {"total_mib": self.memory_total_mib, "used_mib": self.memory_used_mib,
+                       "reserved_mib": self.memory_reserved_mib},
             "persistence_mode": self.persistence_mode,
             "mig_mode": {"current": self.mig_mode_current, "pending": self.mig_mode_pending},
             "ecc_mode": {"current": self.ecc_mode_current, "pending": self.ecc_mode_pending},
@@ -534,10 +539,7 @@ class NvmlReader:
         pci = q(gpu, "pci_bus_id", nvml.nvmlDeviceGetPciInfo, handle)
         gpu.pci_bus_id = _text(getattr(pci, "busId", None)) if pci is not None else None
         gpu.serial = _text(q(gpu, "serial", nvml.nvmlDeviceGetSerial, handle))
-        memory = q(gpu, "memory", nvml.nvmlDeviceGetMemoryInfo, handle)
-        if memory is not None:
-            gpu.memory_total_mib = int(memory.total) // (1024 * 1024)
-            gpu.memory_used_mib = int(memory.used) // (1024 * 1024)
+        self._read_memory(gpu, handle)
         gpu.persistence_mode = _flag(q(gpu, "persistence_mode", nvml.nvmlDeviceGetPersistenceMode, handle))
         gpu.mig_mode_current, gpu.mig_mode_pending = _pair(q(gpu, "mig_mode", nvml.nvmlDeviceGetMigMode, handle))
         gpu.ecc_mode_current, gpu.ecc_mode_pending = _pair(q(gpu, "ecc_mode", nvml.nvmlDeviceGetEccMode, handle))
@@ -547,6 +549,40 @@ class NvmlReader:
         power_mw = q(gpu, "power_draw", nvml.nvmlDeviceGetPowerUsage, handle)
         gpu.power_draw_watts = round(power_mw / 1000.0, 3) if power_mw is not None else None
         return gpu
+
+    def _read_memory(self, gpu: GpuReading, handle: Any) -> None:
+        """Frame buffer total/used/reserved in MiB.
+
+        nvmlDeviceGetMemoryInfo_v2 (drivers R510 and newer) reports the memory the driver and
+        firmware reserve apart, and its ``used`` excludes it, as nvidia-smi's "Used" does (an idle
+        H200 on R580: v1 used 615 MiB, v2 used 0 MiB and reserved 616 MiB). Older drivers and
+        older nvidia-ml-py lack it: v1 is read then, ``used`` includes the reserved memory and
+        ``reserved_mib`` stays null.
+        """
+        nvml = self.nvml
+        version = getattr(nvml, "nvmlMemory_v2", None)
+        memory = None
+        if version is not None:
+            self._enter("nvmlDeviceGetMemoryInfo_v2(GPU %d)" % gpu.index)
+            try:
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+            except nvml.NVMLError as exc:
+                code = _error_code(exc)
+                if code == NVML_ERROR_GPU_IS_LOST:
+                    gpu.lost = True
+                    return
+                if code not in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND,
+                                NVML_ERROR_ARGUMENT_VERSION_MISMATCH):
+                    gpu.read_errors["memory"] = nvml_error_name(code)
+                    return
+                memory = None
+            else:
+                gpu.memory_reserved_mib = int(memory.reserved) // MIB
+        if memory is None:
+            memory = self._query(gpu, "memory", nvml.nvmlDeviceGetMemoryInfo, handle)
+        if memory is not None:
+            gpu.memory_total_mib = int(memory.total) // MIB
+            gpu.memory_used_mib = int(memory.used) // MIB
 
     def _read_ecc_counters(self, gpu: GpuReading, handle: Any) -> None:
         fn = self.nvml.nvmlDeviceGetTotalEccErrors

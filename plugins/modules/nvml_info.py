@@ -219,7 +219,12 @@ gpus:
       description: Board serial number.
       type: str
     memory:
-      description: Frame buffer C(total_mib) and C(used_mib), in MiB.
+      description:
+        - Frame buffer C(total_mib), C(used_mib) and C(reserved_mib), in MiB.
+        - With drivers and nvidia-ml-py that have C(nvmlDeviceGetMemoryInfo_v2) (R510 and newer),
+          C(used_mib) excludes the memory the driver and firmware reserve, as nvidia-smi's "Used"
+          does, and C(reserved_mib) reports that memory. On older ones C(used_mib) includes it and
+          C(reserved_mib) is null.
       type: dict
     persistence_mode:
       description: Whether persistence mode is on.

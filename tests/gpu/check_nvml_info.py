@@ -2,9 +2,9 @@
 
 Runs ``ansible localhost -m gpunode.bringup.nvml_info`` and ``nvidia-smi --query-gpu=...
 --format=csv,noheader,nounits`` and compares, GPU by GPU (matched by UUID), every value both
-report: UUID, name, PCI bus id, serial, total memory, driver version, persistence mode, ECC mode
-(current and pending), MIG mode (current and pending), ECC error counters, retired pages, remapped
-rows; also the GPU count, the CUDA version from nvidia-smi's banner and the kernel module version
+report: UUID, name, PCI bus id, serial, total and reserved memory, driver version, persistence
+mode, ECC mode (current and pending), MIG mode (current and pending), ECC error counters, retired
+pages, remapped rows; also the GPU count, the CUDA version from nvidia-smi's banner and the kernel module version
 from /proc/driver/nvidia/version. Temperature, power draw and used memory move between the two
 reads, so they are compared within a tolerance. Every comparison is printed; the exit status is 1
 when any differs, 2 when a tool could not run.
@@ -89,6 +89,7 @@ EXACT_FIELDS: List[Tuple[str, Tuple[str, ...], Reader]] = [
     ("retired_pages.single_bit_ecc.count", ("retired_pages", "single_bit"), as_int),
     ("retired_pages.double_bit.count", ("retired_pages", "double_bit"), as_int),
     ("retired_pages.pending", ("retired_pages", "pending"), as_enabled),
+    ("memory.reserved", ("memory", "reserved_mib"), as_int),
 ]
 # Compared within a tolerance (they move between the two reads): (field, path, reader, tolerance).
 LOOSE_FIELDS: List[Tuple[str, Tuple[str, ...], Reader, Callable[[float], float]]] = [

@@ -187,8 +187,12 @@ def test_healthy_node(fleet: Dict[str, Dict[str, Any]]) -> None:
     for entry, state_gpu in zip(result["gpus"], expected_state["gpus"]):
         assert (entry["uuid"], entry["name"], entry["pci_bus_id"], entry["serial"]) == (
             state_gpu["uuid"], state_gpu["name"], state_gpu["pci_bus_id"], state_gpu["serial"])
-        assert entry["memory"] == {"total_mib": state_gpu["memory_total"] // 1048576,
-                                   "used_mib": state_gpu["memory_used"] // 1048576}
+        # v2, as nvidia-smi: used excludes the memory the driver reserves, which shows apart
+        assert entry["memory"] == {
+            "total_mib": state_gpu["memory_total"] // 1048576,
+            "used_mib": (state_gpu["memory_used"] - state_gpu["memory_reserved"]) // 1048576,
+            "reserved_mib": state_gpu["memory_reserved"] // 1048576}
+        assert entry["memory"]["reserved_mib"] > 0
         assert entry["retired_pages"] == {"single_bit": None, "double_bit": None, "pending": None}  # A100: rows
         assert entry["remapped_rows"]["pending"] is False and entry["mig_mode"]["pending"] is False
         assert entry["power_draw_watts"] == 62.0 and entry["temperature_c"] == 31

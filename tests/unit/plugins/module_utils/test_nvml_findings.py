@@ -231,7 +231,7 @@ def test_result_shape_has_null_for_unsupported_fields():
     assert entry["mig_mode"] == {"current": None, "pending": None}
     assert entry["remapped_rows"]["pending"] is None
     assert entry["retired_pages"] == {"single_bit": 0, "double_bit": 0, "pending": False}
-    assert entry["memory"] == {"total_mib": 32768, "used_mib": 591}
+    assert entry["memory"] == {"total_mib": 32768, "used_mib": 591, "reserved_mib": None}
     assert entry["xid_events"] == [13]
     assert result["xid_watch"]["events"] == [
         {"xid": 13, "gpu": 0, "ignored": True, "description": "graphics engine exception"}]
@@ -514,6 +514,52 @@ def fake_gpu(index, **overrides):
 
 def read(fake, watch=0.0):
     return nv.NvmlReader(fake, nv.NodeReading()).read(watch, nv.DEFAULT_IGNORED_XIDS)
+
+
+class FakeNvmlV2(FakeNvml):
+    """A pynvml that knows nvmlMemory_v2: ``memory`` is (total, used by allocations, reserved)."""
+
+    nvmlMemory_v2 = 0x02000028
+
+    def nvmlDeviceGetMemoryInfo(self, handle, version=None):
+        total, used, reserved = self._gpu("memory", handle)
+        if version is None:  # v1: used counts the reserved memory
+            return Obj(total=total, used=used + reserved, free=total - used - reserved)
+        assert version == self.nvmlMemory_v2
+        self._check("memory_v2", handle)
+        return Obj(total=total, used=used, reserved=reserved, free=total - used - reserved, version=version)
+
+
+def test_reader_memory_v2_reports_reserved_apart_like_nvidia_smi():
+    # an idle H200 on R580: nvidia-smi Used 0 MiB, Reserved 616 MiB; v1 said used 615
+    gpu = fake_gpu(0, memory=(143771 * 1048576, 0, 616 * 1048576))
+    (g,) = read(FakeNvmlV2([gpu])).gpus
+    assert (g.memory_total_mib, g.memory_used_mib, g.memory_reserved_mib) == (143771, 0, 616)
+    assert g.read_errors == {}
+    assert g.to_result()["memory"] == {"total_mib": 143771, "used_mib": 0, "reserved_mib": 616}
+
+
+@pytest.mark.parametrize("code", [nv.NVML_ERROR_FUNCTION_NOT_FOUND, nv.NVML_ERROR_NOT_SUPPORTED,
+                                  nv.NVML_ERROR_ARGUMENT_VERSION_MISMATCH])
+def test_reader_memory_falls_back_to_v1_on_an_older_driver(code):
+    gpu = fake_gpu(0, memory=(81559 * 1048576, 100 * 1048576, 523 * 1048576))
+    fake = FakeNvmlV2([gpu], fail={"memory_v2": code})
+    (g,) = read(fake).gpus
+    assert (g.memory_total_mib, g.memory_used_mib, g.memory_reserved_mib) == (81559, 623, None)
+    assert g.read_errors == {}
+
+
+def test_reader_memory_v2_failure_is_recorded_not_hidden_by_v1():
+    fake = FakeNvmlV2([fake_gpu(0, memory=(1048576, 0, 0))], fail={"memory_v2": nv.NVML_ERROR_NO_PERMISSION})
+    (g,) = read(fake).gpus
+    assert g.read_errors == {"memory": "NVML_ERROR_NO_PERMISSION"}
+    assert (g.memory_total_mib, g.memory_used_mib, g.memory_reserved_mib) == (None, None, None)
+
+
+def test_reader_memory_v2_gpu_lost_marks_the_gpu_lost():
+    fake = FakeNvmlV2([fake_gpu(0, memory=(1048576, 0, 0))], fail={"memory_v2": nv.NVML_ERROR_GPU_IS_LOST})
+    (g,) = read(fake).gpus
+    assert g.lost and g.memory_total_mib is None
 
 
 def test_reader_records_every_field():
