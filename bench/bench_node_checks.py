@@ -14,8 +14,9 @@ GPUNODE_LAB_NVML_STATE):
 - fresh process: a new ``python -c`` per node that imports both and runs both checks once
   (what a node pays per run without Ansible), against a new process per baseline command
   (``test -S`` and the pynvml one-liner);
-- through Ansible: bench/playbooks/node_checks.yml (the two collection tasks, as the gpu_node
-  role runs them) against bench/playbooks/node_checks_common.yml (the two command tasks), both
+- through Ansible: bench/playbooks/node_checks.yml (the two module tasks, and the one node_info
+  task with checks nvml and probe that the gpu_node role's form of them is, measured apart)
+  against bench/playbooks/node_checks_common.yml (the two command tasks), both
   with ``-f 1``; per-node task times come from bench/callback_plugins/bench_timing.py (worker
   start to result, per host and task), and the playbook wall divided by the hosts is shown too.
 
@@ -125,6 +126,7 @@ def playbook(lab: c.Lab, work: Path, path: Path, hosts: List[str], tag: str) -> 
     doc = json.loads(timing.read_text())
     per_task: Dict[str, List[float]] = {}
     per_host: Dict[str, float] = {}
+    node_info: List[float] = []
     for task in doc["tasks"]:
         if task["action"] == "ansible.builtin.debug":
             continue
@@ -133,10 +135,14 @@ def playbook(lab: c.Lab, work: Path, path: Path, hosts: List[str], tag: str) -> 
                 if res["start"] is None:
                     continue
                 per_task.setdefault(task["name"], []).append(res["end"] - res["start"])
-                per_host[host] = per_host.get(host, 0.0) + res["end"] - res["start"]
-    if tag == "collection" and run.output.count("nvml_healthy=True probe_healthy=True") != len(hosts):
+                if task["action"] == "gpunode.bringup.node_info":
+                    node_info.append(res["end"] - res["start"])  # the one-run form, measured apart
+                else:
+                    per_host[host] = per_host.get(host, 0.0) + res["end"] - res["start"]
+    if tag == "collection" and run.output.count("nvml_healthy=True probe_healthy=True node_info_healthy=True") != len(hosts):
         raise RuntimeError("node checks not healthy:\n%s" % run.tail())
     return {"wall_s": run.seconds, "cpu_s": run.cpu_s, "per_host_task_s": c.median(list(per_host.values())),
+            "node_info_task_s": c.median(node_info) if node_info else None,
             "per_task_s": {name: c.median(values) for name, values in per_task.items()}}
 
 
@@ -185,6 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "collection": {"wall_s": c.summarize([r["wall_s"] for r in ours]),
                            "cpu_s": c.summarize([r["cpu_s"] for r in ours]),
                            "per_host_task_s": c.summarize([r["per_host_task_s"] for r in ours]),
+                           "node_info_task_s": c.summarize([r["node_info_task_s"] for r in ours]),
                            "per_task_s": {k: c.median([r["per_task_s"][k] for r in ours]) for k in ours[0]["per_task_s"]}},
             "common": {"wall_s": c.summarize([r["wall_s"] for r in base]),
                        "cpu_s": c.summarize([r["cpu_s"] for r in base]),
@@ -200,6 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "in_process_vs_fresh_baseline": c.ratio(in_proc_total, fr["baseline_s"]["median"]),
         "ansible_per_host_vs_baseline": c.ratio(an["collection"]["per_host_task_s"]["median"],
                                                 an["common"]["per_host_task_s"]["median"]),
+        "ansible_node_info_vs_baseline": c.ratio(an["collection"]["node_info_task_s"]["median"],
+                                                 an["common"]["per_host_task_s"]["median"]),
         "ansible_wall_vs_baseline": c.ratio(an["collection"]["wall_s"]["median"], an["common"]["wall_s"]["median"]),
     }
     r = result["ratios"]
@@ -217,9 +226,11 @@ def main(argv: Optional[List[str]] = None) -> int:
          c.fmt_s(fr["baseline_cpu_s"]["median"]), "1.000x"],
         ["ansible -f 1: both module tasks, per host", c.fmt_s(an["collection"]["per_host_task_s"]["median"]), "",
          c.fmt_ratio(r["ansible_per_host_vs_baseline"])],
+        ["ansible -f 1: node_info (nvml + probe), one task, per host",
+         c.fmt_s(an["collection"]["node_info_task_s"]["median"]), "", c.fmt_ratio(r["ansible_node_info_vs_baseline"])],
         ["ansible -f 1: both command tasks, per host (baseline)", c.fmt_s(an["common"]["per_host_task_s"]["median"]), "",
          "1.000x"],
-        ["ansible -f 1: playbook wall / %d hosts" % hosts, c.fmt_s((an["collection"]["wall_s"]["median"] or 0) / hosts),
+        ["ansible -f 1: playbook wall / %d hosts (the two tasks + node_info)" % hosts, c.fmt_s((an["collection"]["wall_s"]["median"] or 0) / hosts),
          c.fmt_s((an["collection"]["cpu_s"]["median"] or 0) / hosts), c.fmt_ratio(r["ansible_wall_vs_baseline"])],
         ["ansible -f 1: baseline playbook wall / %d hosts" % hosts, c.fmt_s((an["common"]["wall_s"]["median"] or 0) / hosts),
          c.fmt_s((an["common"]["cpu_s"]["median"] or 0) / hosts), "1.000x"],

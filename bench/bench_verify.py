@@ -170,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           % (rep + 1, tag, c.fmt_s(sample["wall_s"]), c.fmt_s(sample["cpu_s"]), sample["requests"],
                              sample["non_resource_requests"], c.read_loadavg()[0]), flush=True)
             if not args.no_profile:
-                # attribution: the node-side modules alone, and both playbooks with pipelining on
+                # attribution: the node-side module alone, and both playbooks with pipelining on
                 for tag, path, settings in (("modules-only", NODE_MODULES, None),
                                             ("verify-pipelining", VERIFY, {"ANSIBLE_PIPELINING": "1"}),
                                             ("common-pipelining", BASELINE, {"ANSIBLE_PIPELINING": "1"})):
@@ -241,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "ratio_cpu": c.ratio(vp["cpu_s"], cp["cpu_s"])},
         }
         print("\nattribution (one run each, same lab):")
-        print("  the 3 node-side module tasks alone (bench/playbooks/verify_node_modules.yml): %s, CPU %s "
+        print("  the node-side module task alone (bench/playbooks/verify_node_modules.yml): %s, CPU %s "
               "= %s of the common way's wall" % (c.fmt_s(mod["wall_s"]), c.fmt_s(mod["cpu_s"]),
                                                  c.fmt_ratio(c.ratio(mod["wall_s"], b["wall_s"]["median"]))))
         print("  with ANSIBLE_PIPELINING=1: verify %s (CPU %s), common way %s (CPU %s): ratio %s"

@@ -7,35 +7,16 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from collections.abc import Mapping
-
 from ansible.errors import AnsibleFilterError
 from ansible_collections.gpunode.bringup.plugins.module_utils import _plan
 from ansible_collections.gpunode.bringup.plugins.module_utils._errors import GpuNodeError
 
-
-def _plain(value):
-    """Plain dicts and lists (templated containers are lazy in ansible-core 2.19 and cannot be
-    rebuilt by type, as dataclasses.asdict does)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+_plain = _plan.plain
 
 
 def gpu_plan_evaluate(facts, steps, site_checks=None, policy=None):
-    facts, steps, site_checks, policy = _plain(facts), _plain(steps), _plain(site_checks), _plain(policy)
     try:
-        parsed = _plan.parse_steps(list(steps or []), list(site_checks or []))
-        raw = dict(policy or {})
-        options = _plan.Policy(
-            allow_safe=bool(raw.get("allow_safe", True)),
-            allow_disruptive=bool(raw.get("allow_disruptive", False)),
-            drain=bool(raw.get("drain", False)),
-            tried=list(raw.get("tried") or []),
-        )
-        return _plan.evaluate(parsed, dict(facts or {}), options).to_dict()
+        return _plan.evaluate_data(_plain(facts), _plain(steps), _plain(site_checks), _plain(policy))
     except GpuNodeError as exc:
         raise AnsibleFilterError("gpu_plan_evaluate: %s" % exc.msg)
 

@@ -411,14 +411,15 @@ def check_paths(params: Dict[str, Any]) -> Tuple[str, Optional[str]]:
     return node_root, node_path(node_root, driver_root)
 
 
-def check_durations(params: Dict[str, Any]) -> Tuple[float, float]:
-    """(xid_watch_seconds, timeout) validated."""
+def check_durations(params: Dict[str, Any], timeout_option: str = "timeout") -> Tuple[float, float]:
+    """(xid_watch_seconds, timeout) validated; ``timeout_option`` is the option's name in messages
+    (node_info calls it nvml_timeout)."""
     watch = float(params.get("xid_watch_seconds") or 0)
     if watch < 0 or watch > 3600:
         raise InvalidOptionError("xid_watch_seconds must be between 0 and 3600, got %s" % watch)
     timeout = float(params.get("timeout") if params.get("timeout") is not None else 60)
     if timeout <= 0:
-        raise InvalidOptionError("timeout must be more than 0 seconds, got %s" % timeout)
+        raise InvalidOptionError("%s must be more than 0 seconds, got %s" % (timeout_option, timeout))
     return watch, timeout
 
 
@@ -1043,14 +1044,14 @@ def result_of(reading: NodeReading, findings: Sequence[Finding]) -> Dict[str, An
     }
 
 
-def gather_nvml_info(params: Dict[str, Any], nvml: Any = None) -> Dict[str, Any]:
+def gather_nvml_info(params: Dict[str, Any], nvml: Any = None, timeout_option: str = "timeout") -> Dict[str, Any]:
     """Validate the options, read NVML under a deadline and return the module result.
 
     Raises InvalidOptionError for bad options only; an unhealthy node is reported, not raised.
     """
     expect = build_expectations(params)
     node_root, driver_root = check_paths(params)
-    xid_watch_seconds, timeout = check_durations(params)
+    xid_watch_seconds, timeout = check_durations(params, timeout_option)
     reading = NodeReading(kernel_module_version=read_kernel_module_version(node_root))
     nvml = nvml if nvml is not None else pynvml
     if driver_root is None or preload_driver_root_library(reading, driver_root, params["driver_root"]):

@@ -20,6 +20,7 @@ __metaclass__ = type
 
 import json
 import traceback
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -202,6 +203,48 @@ def evaluate(steps: List[Step], facts: Dict[str, Any], policy: Policy) -> Evalua
         results.append(StepResult(step.name, "failed", evidence, next_action))
     proposal = propose(failed, failed_evidence, facts, policy) if failed else None
     return Evaluation(results, failed.name if failed else None, proposal)
+
+
+def plain(value: Any) -> Any:
+    """Plain dicts and lists (templated containers are lazy in ansible-core 2.19 and cannot be
+    rebuilt by type, as dataclasses.asdict does)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def policy_from(raw: Optional[Dict[str, Any]]) -> Policy:
+    raw = dict(raw or {})
+    return Policy(
+        allow_safe=bool(raw.get("allow_safe", True)),
+        allow_disruptive=bool(raw.get("allow_disruptive", False)),
+        drain=bool(raw.get("drain", False)),
+        tried=[str(t) for t in raw.get("tried") or []],
+    )
+
+
+def evaluate_data(facts: Dict[str, Any], steps: List[Dict[str, Any]], site_checks: Optional[List[Dict[str, Any]]],
+                  policy: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """evaluate() over plain data (role variables), as a dictionary."""
+    parsed = parse_steps(list(steps or []), list(site_checks or []))
+    return evaluate(parsed, dict(facts or {}), policy_from(policy)).to_dict()
+
+
+API_UNREACHABLE_ACTION = ("check the kubeconfig, the network path to the API server and the automation identity's "
+                          "RBAC rules (docs/rbac.yaml)")
+
+
+def fleet_entry(fleet_read: Optional[Dict[str, Any]], node: str) -> Dict[str, Any]:
+    """The node's entry of a device_plugin_info result. A read that failed is evidence too: the
+    node gets it as an ``api_unreachable`` finding of the node step."""
+    if isinstance(fleet_read, dict) and isinstance(fleet_read.get("nodes"), list):
+        return next((entry for entry in fleet_read["nodes"] if isinstance(entry, dict) and entry.get("name") == node), {})
+    fleet_read = fleet_read if isinstance(fleet_read, dict) else {}
+    return {"findings": [{"code": "api_unreachable", "severity": "error",
+                          "message": fleet_read.get("msg") or "the Kubernetes API could not be read",
+                          "action": fleet_read.get("action") or API_UNREACHABLE_ACTION}]}
 
 
 def busy_pods(facts: Dict[str, Any]) -> List[str]:

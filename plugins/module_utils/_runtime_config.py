@@ -727,8 +727,9 @@ def _handler_findings(report: RuntimeReport, require_default_runtime: bool) -> L
 
 # ---- the module's body --------------------------------------------------------------------
 
-def check_options(params: Dict[str, Any]) -> Tuple[str, str, Optional[str], str]:
-    """(node_root, runtime, config_path, handler_name) validated."""
+def check_options(params: Dict[str, Any], config_path_option: str = "config_path") -> Tuple[str, str, Optional[str], str]:
+    """(node_root, runtime, config_path, handler_name) validated; ``config_path_option`` is the
+    option's name in messages (node_info calls it runtime_config_path)."""
     node_root = params.get("node_root") or "/"
     if not os.path.isabs(node_root):
         raise InvalidOptionError("node_root must be an absolute path, got %r" % node_root)
@@ -740,10 +741,11 @@ def check_options(params: Dict[str, Any]) -> Tuple[str, str, Optional[str], str]
     config_path = params.get("config_path")
     if config_path is not None:
         if not config_path.startswith("/"):
-            raise InvalidOptionError("config_path must be an absolute path on the node, got %r" % config_path)
+            raise InvalidOptionError("%s must be an absolute path on the node, got %r"
+                                     % (config_path_option, config_path))
         if runtime == "auto":
-            raise InvalidOptionError("config_path needs runtime set to containerd, k3s, rke2 or crio "
-                                     "(it names that runtime's main file)")
+            raise InvalidOptionError("%s needs runtime set to containerd, k3s, rke2 or crio "
+                                     "(it names that runtime's main file)" % config_path_option)
     handler_name = params.get("handler_name") or "nvidia"
     if not re.match(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$", handler_name):
         raise InvalidOptionError("handler_name must be a runtime handler name such as nvidia, got %r" % handler_name)
@@ -778,9 +780,9 @@ def result_of(report: RuntimeReport, findings: Sequence[Finding]) -> Dict[str, A
     }
 
 
-def gather_runtime_info(params: Dict[str, Any]) -> Dict[str, Any]:
+def gather_runtime_info(params: Dict[str, Any], config_path_option: str = "config_path") -> Dict[str, Any]:
     """Validate the options, read the runtime configuration and return the module result."""
-    node_root, runtime, config_path, handler_name = check_options(params)
+    node_root, runtime, config_path, handler_name = check_options(params, config_path_option)
     report = build_report(NodeFiles(node_root), runtime, config_path, handler_name)
     findings = assess_runtime(report, bool(params.get("require_default_runtime", True)))
     return result_of(report, findings)
