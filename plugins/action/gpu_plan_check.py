@@ -41,7 +41,7 @@ def node_evidence(args, node_info):
         "node": args["node"],
         "expected_gpu_count": expected,
         "options": {"workload_check": args["workload_check"]},
-        "fleet": _plan.fleet_entry(args["fleet"], args["node"]),
+        "fleet": args["fleet"],
         "nvml": nvml,
         "runtime": node_info.get("runtime"),
         "probe": node_info.get("probe"),
@@ -58,7 +58,11 @@ class ActionModule(ActionBase):
         del tmp
         validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         del validation
+        # the batch's fleet read lists every node of the batch: keep only this node's entry
+        # before copying anything, so a host's cost does not grow with the batch
+        fleet = args.pop("fleet")
         args = _plan.plain(args)
+        args["fleet"] = _plan.plain(_plan.fleet_entry(fleet, str(args["node"])))
         if not str(args["node"]).strip():
             result.update(failed=True, msg="node must be the Node's name, got an empty string")
             return result

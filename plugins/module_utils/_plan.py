@@ -239,9 +239,9 @@ API_UNREACHABLE_ACTION = ("check the kubeconfig, the network path to the API ser
 def fleet_entry(fleet_read: Optional[Dict[str, Any]], node: str) -> Dict[str, Any]:
     """The node's entry of a device_plugin_info result. A read that failed is evidence too: the
     node gets it as an ``api_unreachable`` finding of the node step."""
-    if isinstance(fleet_read, dict) and isinstance(fleet_read.get("nodes"), list):
-        return next((entry for entry in fleet_read["nodes"] if isinstance(entry, dict) and entry.get("name") == node), {})
-    fleet_read = fleet_read if isinstance(fleet_read, dict) else {}
+    if isinstance(fleet_read, Mapping) and isinstance(fleet_read.get("nodes"), (list, tuple)):
+        return next((entry for entry in fleet_read["nodes"] if isinstance(entry, Mapping) and entry.get("name") == node), {})
+    fleet_read = fleet_read if isinstance(fleet_read, Mapping) else {}
     return {"findings": [{"code": "api_unreachable", "severity": "error",
                           "message": fleet_read.get("msg") or "the Kubernetes API could not be read",
                           "action": fleet_read.get("action") or API_UNREACHABLE_ACTION}]}

@@ -6,6 +6,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import copy
+import re
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._errors import K8sError
 
@@ -122,6 +123,26 @@ class FakeClient:
         self.core = _Api(self)
         self.apps = _Api(self)
         self.hooks = {}
+
+    # K8sClient.request paths -> the typed call they stand for (recorded and answered as that call)
+    _RAW = (
+        (re.compile(r"^/api/v1/nodes$"), "list_node", ()),
+        (re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/daemonsets/([^/]+)$"), "read_namespaced_daemon_set", (1, 0)),
+        (re.compile(r"^/api/v1/namespaces/([^/]+)/pods$"), "list_namespaced_pod", (0,)),
+        (re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$"), "read_namespaced_pod_log", (1, 0)),
+    )
+    _QUERY = {"labelSelector": "label_selector", "fieldSelector": "field_selector", "tailLines": "tail_lines",
+              "container": "container"}
+
+    def request(self, method, path, query=None, _request_timeout=None):
+        for pattern, typed, order in self._RAW:
+            match = pattern.match(path)
+            if match and method == "GET":
+                args = tuple(match.groups()[i] for i in order)
+                kwargs = {self._QUERY[k]: v for k, v in (query or ()) if v is not None}
+                self.calls.append((typed, args, kwargs))
+                return self.answer(typed, args, kwargs)
+        raise AssertionError("unexpected request %s %s" % (method, path))
 
     def call(self, what, fn, *args, **kwargs):
         self.requests += 1
