@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._errors import InvalidOptionError, K8sError
-from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_apply import ObjectApi, call_json, read_object
+from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_apply import call_json
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import K8sClient, is_not_found
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_names import (
     check_dns_subdomain,
@@ -829,35 +829,36 @@ class FleetReader:
         self.client = client
 
     def snapshot(self, query: FleetQuery) -> FleetSnapshot:
-        core, apps = self.client.core, self.client.apps
-        daemonset = read_object(self.client, ObjectApi("DaemonSet", apps.read_namespaced_daemon_set,
-                                                       apps.patch_namespaced_daemon_set,
-                                                       apps.delete_namespaced_daemon_set),
-                                query.daemonset_name, query.namespace)
+        # three GETs through client.request: no typed API class is imported (see K8sClient.request)
+        get = self.client.request
+        try:
+            daemonset = call_json(self.client, "get DaemonSet %s/%s" % (query.namespace, query.daemonset_name), get, "GET",
+                                  "/apis/apps/v1/namespaces/%s/daemonsets/%s" % (query.namespace, query.daemonset_name))
+        except K8sError as exc:
+            if not is_not_found(exc):
+                raise
+            daemonset = None
         match_labels = (((daemonset or {}).get("spec") or {}).get("selector") or {}).get("matchLabels") \
             or query.pod_selector or {}
-        node_kwargs: Dict[str, Any] = {}
-        if query.label_selector:
-            node_kwargs["label_selector"] = query.label_selector
-        nodes = call_json(self.client, "list nodes", core.list_node, **node_kwargs).get("items") or []
+        nodes = call_json(self.client, "list nodes", get, "GET", "/api/v1/nodes",
+                          [("labelSelector", query.label_selector or None)]).get("items") or []
         pods = call_json(self.client, "list plugin pods in %s (%s)" % (query.namespace, selector_string(match_labels)),
-                         core.list_namespaced_pod, query.namespace,
-                         label_selector=selector_string(match_labels)).get("items") or []
+                         get, "GET", "/api/v1/namespaces/%s/pods" % query.namespace,
+                         [("labelSelector", selector_string(match_labels) or None)]).get("items") or []
         return FleetSnapshot(daemonset, nodes, pods)
 
     def read_log(self, namespace: str, pod: PluginPod, tail_lines: int) -> Tuple[Optional[str], Optional[str]]:
         """The pod's recent log, or the reason it could not be read (a container still waiting)."""
-        kwargs: Dict[str, Any] = {"tail_lines": tail_lines}
-        if pod.container:
-            kwargs["container"] = pod.container
+        query = [("tailLines", tail_lines), ("container", pod.container or None)]
         try:
-            text = self.client.call("read log of pod %s/%s" % (namespace, pod.name),
-                                    self.client.core.read_namespaced_pod_log, pod.name, namespace, **kwargs)
+            response = self.client.call("read log of pod %s/%s" % (namespace, pod.name), self.client.request, "GET",
+                                        "/api/v1/namespaces/%s/pods/%s/log" % (namespace, pod.name), query)
         except K8sError as exc:
             if is_not_found(exc) or exc.details.get("status") == 400:
                 return None, exc.msg
             raise
-        if isinstance(text, bytes):
+        text = getattr(response, "data", response)
+        if isinstance(text, (bytes, bytearray)):
             text = text.decode("utf-8", "replace")
         return str(text or ""), None
 

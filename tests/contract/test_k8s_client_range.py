@@ -94,4 +94,7 @@ def test_raw_requests_under_kubernetes_bound(lab, bound):
     assert out["requests"] == 3
     assert out["log_404"] is True
     assert "unauthorized (HTTP 401)" in out["bad_token"] and "wrong-token" not in out["bad_token"]
-    assert out["typed_api_imported"] is False
+    if bound == "installed":
+        # the installed client imports API classes lazily: the fleet read never loads CoreV1Api
+        # (kubernetes 29 imports them all with the package, whatever the caller uses)
+        assert out["typed_api_imported"] is False

@@ -134,7 +134,7 @@ class FakeClient:
     _QUERY = {"labelSelector": "label_selector", "fieldSelector": "field_selector", "tailLines": "tail_lines",
               "container": "container"}
 
-    def request(self, method, path, query=None, _request_timeout=None):
+    def request(self, method, path, query=None, _request_timeout=None, _preload_content=False):
         for pattern, typed, order in self._RAW:
             match = pattern.match(path)
             if match and method == "GET":
