@@ -225,6 +225,7 @@ gpus:
           C(used_mib) excludes the memory the driver and firmware reserve, as nvidia-smi's "Used"
           does, and C(reserved_mib) reports that memory. On older ones C(used_mib) includes it and
           C(reserved_mib) is null.
+        - Whole MiB, rounded down (nvidia-smi rounds up, so its figures can be 1 MiB higher).
       type: dict
     persistence_mode:
       description: Whether persistence mode is on.

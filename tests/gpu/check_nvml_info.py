@@ -6,7 +6,8 @@ report: UUID, name, PCI bus id, serial, total and reserved memory, driver versio
 mode, ECC mode (current and pending), MIG mode (current and pending), ECC error counters, retired
 pages, remapped rows; also the GPU count, the CUDA version from nvidia-smi's banner and the kernel module version
 from /proc/driver/nvidia/version. Temperature, power draw and used memory move between the two
-reads, so they are compared within a tolerance. Every comparison is printed; the exit status is 1
+reads, so they are compared within a tolerance; reserved memory within 1 MiB (the module rounds
+down to whole MiB, nvidia-smi up). Every comparison is printed; the exit status is 1
 when any differs, 2 when a tool could not run.
 
 An nvidia-smi field this driver does not know is reported as skipped, not as a mismatch.
@@ -89,13 +90,15 @@ EXACT_FIELDS: List[Tuple[str, Tuple[str, ...], Reader]] = [
     ("retired_pages.single_bit_ecc.count", ("retired_pages", "single_bit"), as_int),
     ("retired_pages.double_bit.count", ("retired_pages", "double_bit"), as_int),
     ("retired_pages.pending", ("retired_pages", "pending"), as_enabled),
-    ("memory.reserved", ("memory", "reserved_mib"), as_int),
 ]
 # Compared within a tolerance (they move between the two reads): (field, path, reader, tolerance).
 LOOSE_FIELDS: List[Tuple[str, Tuple[str, ...], Reader, Callable[[float], float]]] = [
     ("temperature.gpu", ("temperature_c",), as_int, lambda value: 5.0),
     ("power.draw", ("power_draw_watts",), as_float, lambda value: max(25.0, 0.25 * value)),
     ("memory.used", ("memory", "used_mib"), as_int, lambda value: max(512.0, 0.1 * value)),
+    # fixed, but rounded differently: the module rounds bytes down to whole MiB, nvidia-smi up
+    # (H200, driver 580.159.04: 644939776 bytes = 615.06 MiB, module 615, nvidia-smi 616)
+    ("memory.reserved", ("memory", "reserved_mib"), as_int, lambda value: 1.0),
 ]
 REMAPPED_ROWS = [
     ("remapped_rows.correctable", ("remapped_rows", "correctable"), as_int),
