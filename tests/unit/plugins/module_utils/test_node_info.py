@@ -94,8 +94,7 @@ def test_option_names_reach_the_checks(monkeypatch):
     ((True, True, False), ["probe"]),
     ((False, False, False), ["nvml", "runtime", "probe"]),
 ])
-def test_findings_carry_their_check_and_any_unhealthy_check_makes_the_node_unhealthy(monkeypatch, healthy,
-                                                                                      unhealthy_sources):
+def test_findings_carry_their_check_and_an_unhealthy_check_fails_the_node(monkeypatch, healthy, unhealthy_sources):
     Recorder(monkeypatch, healthy=healthy)
     result = ni.gather_node_info(params())
     assert result["healthy"] is False
