@@ -14,7 +14,8 @@ then, each as the median of several repetitions:
   built, 3 API requests, reports, the result serialized to JSON) in this warm Python process,
   and the API part alone (``FleetReader.snapshot``, the three requests, client reused); so
   Ansible's start-up and result handling are visible separately; for context, Ansible's own
-  floor, ``ansible localhost -m ansible.builtin.ping``;
+  floor, ``ansible localhost -m ansible.builtin.ping``, and the kubernetes client's, a fresh
+  Python that imports it and builds an ApiClient;
 - baseline: the two kubectl commands per node, one after the other (the kubectl discovery cache
   warmed first). For N above --sample the baseline runs on --sample nodes spread over the
   fleet and is extrapolated linearly to N (marked "sampled").
@@ -83,6 +84,16 @@ def one_ping(work: Path) -> Dict[str, Any]:
                     env=c.ansible_env(work), cwd=work)
     if run.rc != 0:
         raise RuntimeError("ansible ping failed:\n%s" % run.tail())
+    return {"wall_s": run.seconds, "cpu_s": run.cpu_s, "server_cpu_s": 0.0, "requests": 0, "non_resource_requests": 0}
+
+
+def one_import(work: Path) -> Dict[str, Any]:
+    """The kubernetes client's own start: a fresh Python that imports it and builds an ApiClient
+    (what device_plugin_info pays before its first request, besides Ansible)."""
+    run = c.run_cmd([c.PYTHON, "-c", "import kubernetes.config, kubernetes.client; kubernetes.client.ApiClient()"],
+                    env=c.ansible_env(work), cwd=work)
+    if run.rc != 0:
+        raise RuntimeError("import kubernetes failed:\n%s" % run.tail())
     return {"wall_s": run.seconds, "cpu_s": run.cpu_s, "server_cpu_s": 0.0, "requests": 0, "non_resource_requests": 0}
 
 
@@ -199,18 +210,20 @@ def measure_size(size: int, reps: int, kubectl_reps: int, sample: int) -> Dict[s
             if warm.rc != 0:
                 raise RuntimeError("kubectl: %s" % warm.tail())
             picked = kubectl_sample(nodes, sample)
-            adhoc, playbook, kube, ping = [], [], [], []
+            adhoc, playbook, kube, ping, imports = [], [], [], [], []
             # interleaved, so that a change in the machine's load hits every way alike
             for rep in range(max(reps, kubectl_reps)):
                 if rep < reps:
                     adhoc.append(one_ansible(lab, work, nodes, "adhoc"))
                     playbook.append(one_ansible(lab, work, nodes, "playbook"))
                     ping.append(one_ping(work))
+                    imports.append(one_import(work))
                 if rep < kubectl_reps:
                     kube.append(one_kubectl(lab, work, nodes, picked))
             entry["ansible_adhoc"] = collect(adhoc)
             entry["ansible_playbook"] = collect(playbook)
             entry["ansible_ping"] = collect(ping)
+            entry["import_kubernetes"] = collect(imports)
             entry["kubectl"] = collect(kube, sampled_nodes=len(picked), extrapolated=len(picked) != len(nodes),
                                        scale=len(nodes) / float(len(picked)),
                                        per_node_s=c.summarize([t for k in kube for t in k["per_node"]]))
@@ -246,6 +259,7 @@ def print_size(entry: Dict[str, Any]) -> None:
             entry["ansible_playbook"]["requests"]["median"], entry["ansible_playbook"]["non_resource_requests"]["median"]),
         row("module_utils in process (whole body)", entry["in_process"], entry["in_process"]["requests_per_call"], 0),
         row("  context: ansible localhost -m ping", entry["ansible_ping"], 0, 0),
+        row("  context: python -c 'import kubernetes ...'", entry["import_kubernetes"], 0, 0),
         ["  of which the 3 API requests", c.fmt_s(entry["in_process"]["api_part_s"]["median"]), "", 3, 0, "", ""],
         row("baseline: kubectl x2 per node" + sampled, k, int(k["requests"]["median"]),
             int(k["non_resource_requests"]["median"])),

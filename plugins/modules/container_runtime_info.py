@@ -236,9 +236,9 @@ cdi:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._module import require_library, run_module
+from ansible_collections.gpunode.bringup.plugins.module_utils._node_args import RUNTIME_ARGS, spec
 from ansible_collections.gpunode.bringup.plugins.module_utils._runtime_config import (
     HAS_TOML,
-    RUNTIME_CHOICES,
     TOML_IMPORT_ERROR,
     gather_runtime_info,
 )
@@ -246,13 +246,7 @@ from ansible_collections.gpunode.bringup.plugins.module_utils._runtime_config im
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            node_root=dict(type="path", default="/"),
-            runtime=dict(type="str", default="auto", choices=list(RUNTIME_CHOICES)),
-            config_path=dict(type="path"),
-            handler_name=dict(type="str", default="nvidia"),
-            require_default_runtime=dict(type="bool", default=True),
-        ),
+        argument_spec=spec(RUNTIME_ARGS),
         supports_check_mode=True,
     )
     require_library(module, "tomli", HAS_TOML, TOML_IMPORT_ERROR)

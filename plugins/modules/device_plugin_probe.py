@@ -358,19 +358,13 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._kubelet_api import _runtime
 from ansible_collections.gpunode.bringup.plugins.module_utils._module import require_library, run_module
+from ansible_collections.gpunode.bringup.plugins.module_utils._node_args import PROBE_ARGS, spec
 from ansible_collections.gpunode.bringup.plugins.module_utils._probe import ProbeRequest, probe_node
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            node_root=dict(type="path", default="/"),
-            kubelet_root_dir=dict(type="path", default="/var/lib/kubelet"),
-            resource_name=dict(type="str", default="nvidia.com/gpu"),
-            plugin_socket_name=dict(type="str", default="nvidia-gpu.sock"),
-            expected_device_ids=dict(type="list", elements="str", default=[]),
-            deadline=dict(type="float", default=5.0),
-        ),
+        argument_spec=spec(PROBE_ARGS),
         supports_check_mode=True,
     )
     require_library(module, "protobuf", _runtime.HAS_PROTOBUF, _runtime.PROTOBUF_IMPORT_ERROR)

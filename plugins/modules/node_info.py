@@ -200,30 +200,12 @@ from ansible_collections.gpunode.bringup.plugins.module_utils._node_info import 
     missing_libraries,
 )
 from ansible_collections.gpunode.bringup.plugins.module_utils._module import require_library, run_module
+from ansible_collections.gpunode.bringup.plugins.module_utils._node_args import node_info_spec
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            checks=dict(type="list", elements="str", choices=list(CHECKS), default=list(CHECKS)),
-            node_root=dict(type="path", default="/"),
-            driver_root=dict(type="path"),
-            expected_gpu_count=dict(type="int"),
-            min_driver_version=dict(type="str"),
-            require_persistence_mode=dict(type="bool", default=False),
-            xid_watch_seconds=dict(type="float", default=0),
-            ignored_xids=dict(type="list", elements="int", default=[13, 31, 43, 45, 68, 109]),
-            nvml_timeout=dict(type="float", default=60),
-            runtime=dict(type="str", default="auto", choices=["auto", "containerd", "k3s", "rke2", "crio"]),
-            runtime_config_path=dict(type="path"),
-            handler_name=dict(type="str", default="nvidia"),
-            require_default_runtime=dict(type="bool", default=True),
-            kubelet_root_dir=dict(type="path", default="/var/lib/kubelet"),
-            resource_name=dict(type="str", default="nvidia.com/gpu"),
-            plugin_socket_name=dict(type="str", default="nvidia-gpu.sock"),
-            expected_device_ids=dict(type="list", elements="str"),
-            deadline=dict(type="float", default=5.0),
-        ),
+        argument_spec=node_info_spec(CHECKS),
         supports_check_mode=True,
     )
     for check, library, error in missing_libraries(module.params["checks"]):

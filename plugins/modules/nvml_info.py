@@ -282,8 +282,8 @@ xid_watch:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._module import require_library, run_module
+from ansible_collections.gpunode.bringup.plugins.module_utils._node_args import NVML_ARGS, spec
 from ansible_collections.gpunode.bringup.plugins.module_utils._nvml import (
-    DEFAULT_IGNORED_XIDS,
     HAS_PYNVML,
     PYNVML_IMPORT_ERROR,
     gather_nvml_info,
@@ -292,16 +292,7 @@ from ansible_collections.gpunode.bringup.plugins.module_utils._nvml import (
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            node_root=dict(type="path", default="/"),
-            driver_root=dict(type="path"),
-            expected_gpu_count=dict(type="int"),
-            min_driver_version=dict(type="str"),
-            require_persistence_mode=dict(type="bool", default=False),
-            xid_watch_seconds=dict(type="float", default=0),
-            ignored_xids=dict(type="list", elements="int", default=list(DEFAULT_IGNORED_XIDS)),
-            timeout=dict(type="float", default=60),
-        ),
+        argument_spec=spec(NVML_ARGS),
         supports_check_mode=True,
     )
     require_library(module, "nvidia-ml-py", HAS_PYNVML, PYNVML_IMPORT_ERROR)

@@ -158,3 +158,23 @@ def test_a_real_pass_over_an_empty_node_root():
     assert ("runtime", "container_runtime_not_found") in codes
     assert ("probe", "plugin_dir_missing") in codes
     assert result["healthy"] is False
+
+
+def test_shared_specs_agree_with_the_checks_and_node_info_has_every_option():
+    from ansible_collections.gpunode.bringup.plugins.module_utils import _node_args as args
+
+    assert tuple(args.NVML_ARGS["ignored_xids"]["default"]) == _nvml.DEFAULT_IGNORED_XIDS
+    assert tuple(args.RUNTIME_ARGS["runtime"]["choices"]) == _runtime_config.RUNTIME_CHOICES
+    spec = args.node_info_spec(ni.CHECKS)
+    for part in (args.NVML_ARGS, args.RUNTIME_ARGS, args.PROBE_ARGS):
+        for name, option in part.items():
+            renamed = args.NODE_INFO_RENAMED.get(name, name)
+            assert renamed in spec, name
+            if name != "expected_device_ids":
+                assert spec[renamed] == option, name
+    assert "default" not in spec["expected_device_ids"]  # unset: NVML's UUIDs
+    assert set(spec) - {"checks"} == set(DEFAULTS) - {"checks"}
+    # a copy: what one module does to its spec does not reach another
+    copy = args.spec(args.PROBE_ARGS)
+    copy["deadline"]["default"] = 1.0
+    assert args.PROBE_ARGS["deadline"]["default"] == 5.0
