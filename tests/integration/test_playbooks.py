@@ -4,8 +4,10 @@ nothing."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
+import yaml
 
 from lab_fleet import LabFleet
 
@@ -149,3 +151,21 @@ def test_workload_step_runs_a_gpu_pod_on_each_node_and_cleans_up(fleet):
     requests = fleet.counters()["requests"]
     assert requests["create"]["pods"] == 2 and requests["delete"]["pods"] == 2  # one smoke pod per node, removed
     assert all(run.changed(h) == 0 for h in ("gpu-node-01", "gpu-node-02"))
+
+
+def test_verify_without_gpunode_node_python_uses_the_hosts_interpreter(fleet):
+    # An inventory that sets only ansible_python_interpreter (the common case): the node-side check
+    # runs with it. (The role once set ansible_python_interpreter from itself here and failed with a
+    # recursive template on every host.)
+    inventory = Path(fleet.inventory)
+    original = inventory.read_text()
+    data = yaml.safe_load(original)
+    del data["all"]["vars"]["gpunode_node_python"]
+    inventory.write_text(yaml.safe_dump(data))
+    try:
+        verify = fleet.playbook("gpu_node_verify.yml")
+    finally:
+        inventory.write_text(original)
+    assert "Recursive loop" not in verify.output
+    assert verify.rc == 0, verify.output[-4000:]
+    assert {n["node"]: n["verdict"] for n in verify.report["nodes"]} == {"gpu-node-01": "ok", "gpu-node-02": "ok"}
