@@ -24,7 +24,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._errors import InvalidOptionError, K8sError
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_apply import call_json
@@ -266,40 +266,39 @@ class NodeLease:
         self.clock = clock
         self.name = request.name
         self.ref = "lease %s/%s" % (request.namespace, self.name)
-        self.api = client.coordination
+        self.collection = "/apis/coordination.k8s.io/v1/namespaces/%s/leases" % request.namespace
+        self.path = "%s/%s" % (self.collection, self.name)
 
-    # --- API calls -----------------------------------------------------------------------
+    # --- API calls (K8sClient.request: no typed API class to import) -----------------------
     def read(self) -> Optional[LeaseRecord]:
         try:
-            obj = call_json(self.client, "get " + self.ref, self.api.read_namespaced_lease,
-                            self.name, self.request.namespace)
+            obj = call_json(self.client, "get " + self.ref, self.client.request, "GET", self.path)
         except K8sError as exc:
             if is_not_found(exc):
                 return None
             raise
         return LeaseRecord.from_object(obj)
 
-    def _dry_run(self) -> Dict[str, Any]:
-        return {"dry_run": "All"} if self.check_mode else {}
+    def _dry_run(self) -> List[Tuple[str, str]]:
+        return [("dryRun", "All")] if self.check_mode else []
 
     def write(self, decision: str, record: Optional[LeaseRecord], now: datetime) -> LeaseRecord:
         request = self.request
         spec = lease_spec(decision, record, request.holder_identity, request.lease_duration_seconds, now)
         if decision == CREATE:
             body = lease_body(self.name, request.namespace, spec, None, self.LABELS)
-            obj = call_json(self.client, "create " + self.ref, self.api.create_namespaced_lease,
-                            request.namespace, body, **self._dry_run())
+            obj = call_json(self.client, "create " + self.ref, self.client.request, "POST", self.collection,
+                            self._dry_run(), body)
         else:
             body = lease_body(self.name, request.namespace, spec, record, self.LABELS)
-            obj = call_json(self.client, "replace " + self.ref, self.api.replace_namespaced_lease,
-                            self.name, request.namespace, body, **self._dry_run())
+            obj = call_json(self.client, "replace " + self.ref, self.client.request, "PUT", self.path,
+                            self._dry_run(), body)
         # a dry run may not echo every field back: report what would be stored
         return LeaseRecord.from_object(dict(obj, spec=spec) if self.check_mode else obj)
 
     def delete(self, record: LeaseRecord) -> None:
         body = {"preconditions": {"resourceVersion": record.resource_version}} if record.resource_version else None
-        call_json(self.client, "delete " + self.ref, self.api.delete_namespaced_lease,
-                  self.name, self.request.namespace, body=body, **self._dry_run())
+        call_json(self.client, "delete " + self.ref, self.client.request, "DELETE", self.path, self._dry_run(), body)
 
     # --- states ------------------------------------------------------------------------------
     def acquire(self) -> Dict[str, Any]:

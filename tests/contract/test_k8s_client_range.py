@@ -1,9 +1,10 @@
-"""K8sClient.request (the typed-API-free GETs of the fleet read) under the lowest kubernetes client
+"""K8sClient.request (the typed-API-free requests of the fleet read and the Lease) under the lowest kubernetes client
 requirements.txt admits and under the installed one: the two generator shapes of ApiClient
 (``call_api(path, method, ...)`` up to 30, ``param_serialize`` + ``call_api(method, url)`` after).
 Against a lab API server (TLS + token): a LIST with a label selector, a GET that is not found
 (404 -> None for the DaemonSet), a pod log of a pod that does not exist (404), a wrong token
-(401 names the credentials). The floor is installed with pip into a cache under .build."""
+(401 names the credentials), and requests with bodies: a Lease created in check mode (dry run),
+created, renewed (PUT) and released (DELETE with a precondition). The floor is installed with pip into a cache under .build."""
 from __future__ import annotations
 
 import json
@@ -44,7 +45,24 @@ try:
     FleetReader(bad).snapshot(FleetQuery(nodes=None, daemonset_name="x", namespace="kube-system"))
 except K8sError as exc:
     out["bad_token"] = exc.msg
-out["typed_api_imported"] = "kubernetes.client.api.core_v1_api" in sys.modules
+# bodies: a Lease created in check mode (dry run), created, renewed (PUT), released (DELETE with
+# a precondition), then read back as gone
+from ansible_collections.gpunode.bringup.plugins.module_utils._lease import LeaseRequest, run_node_lease
+lease = LeaseRequest("gpu-node-01", "kube-system", "gpunode-bringup-", "contract-test", 600)
+steps = [run_node_lease(client, lease, "acquired", True), run_node_lease(client, lease, "acquired", False)]
+before = client.requests
+steps.append(run_node_lease(client, lease, "acquired", False))
+out["renew_requests"] = client.requests - before  # GET + PUT
+steps.append(run_node_lease(client, lease, "released", False))
+out["lease"] = [(r["changed"], r.get("acquired"), r.get("renewed"), r.get("released")) for r in steps]
+try:
+    client.call("get lease", client.request, "GET", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/"
+                + lease.name)
+    out["lease_gone"] = False
+except K8sError as exc:
+    out["lease_gone"] = is_not_found(exc)
+out["typed_api_imported"] = any(m.startswith("kubernetes.client.api.") and m != "kubernetes.client.api"
+                                for m in sys.modules)
 print(json.dumps(out))
 """
 
@@ -93,6 +111,12 @@ def test_raw_requests_under_kubernetes_bound(lab, bound):
     assert len(out["nodes"]) == 3 and out["daemonset"] is None and out["pods"] == 0
     assert out["requests"] == 3
     assert out["log_404"] is True
+    # check mode, create, renew, release; then the Lease is gone
+    # (changed, acquired, renewed, released)
+    assert out["lease"] == [[True, True, False, False], [True, True, False, False], [False, True, True, False],
+                            [True, False, False, True]], out["lease"]
+    assert out["renew_requests"] == 2
+    assert out["lease_gone"] is True
     assert "unauthorized (HTTP 401)" in out["bad_token"] and "wrong-token" not in out["bad_token"]
     if bound == "installed":
         # the installed client imports API classes lazily: the fleet read never loads CoreV1Api

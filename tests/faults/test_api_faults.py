@@ -54,11 +54,13 @@ class Scenarios:
         self.fleet = fleet
         self.done: Dict[str, Outcome] = {}
 
-    def _break_targets(self) -> None:
-        """gpu-node-02: the plugin crash-loops (fix: delete the pod); gpu-node-03: GPU label missing
-        (fix: label the node)."""
+    def _break_targets(self, sticky_crash: bool = False) -> None:
+        """gpu-node-02: the plugin crash-loops (fix: delete the pod; with ``sticky_crash`` its
+        replacement crashes too); gpu-node-03: GPU label missing (fix: label the node)."""
         status = self.fleet.nodes_status()
-        if "plugin_crash" not in (status[CRASH].get("faults") or {}):
+        if sticky_crash:
+            self.fleet.break_(CRASH, "plugin_crash", signature="nvml_init_failed", sticky="true")
+        elif "plugin_crash" not in (status[CRASH].get("faults") or {}):
             self.fleet.break_(CRASH, "plugin_crash", signature="nvml_init_failed")
         if status[LABEL].get("gpu_label") is not None:
             self.fleet.break_(LABEL, "label_missing")
@@ -71,9 +73,17 @@ class Scenarios:
             playbook, faults, targets = SCENARIOS[name]
             if name == "daemonset_missing":
                 self._drop_daemonset()
+            # the failed-wait scenario needs the wait to watch: a replacement that is Ready at the
+            # wait's first LIST (the lab's controller can be that quick) would never watch
+            sticky = name == "watch pods: 500 until cleared"
             if targets:
-                self._break_targets()
-            self.done[name] = self.play(name, playbook, faults)
+                self._break_targets(sticky_crash=sticky)
+            try:
+                self.done[name] = self.play(name, playbook, faults)
+            finally:
+                if sticky:
+                    self.fleet.clear_api_faults()
+                    self.fleet.fix(CRASH, "plugin_crash")
         return self.done[name]
 
     def _drop_daemonset(self) -> None:
@@ -278,7 +288,7 @@ def test_a_failed_wait_after_a_delete_is_in_the_json_report(scenarios):
     out = scenarios.get("watch pods: 500 until cleared")
     crash = out.report(CRASH)
     restart = [a for a in crash["actions"] if a["action"] == "restart_plugin"]
-    # the pod was deleted, the wait for its replacement failed: the action says so, and why
+    # the pod was deleted, the wait for its (crashing) replacement failed: the action says so, and why
     assert out.pods[CRASH] != out.pods_before[CRASH]
     assert restart and restart[0]["done"] is False, crash
     assert re.search(r"^watch device plugin pods .* after %d attempts" % ATTEMPTS, restart[0]["error"]), restart

@@ -263,8 +263,29 @@ class FakeLeaseApi:
 
 
 class FakeClient:
+    """K8sClient.request over FakeLeaseApi: the Lease paths map to the typed calls they stand for."""
+
+    PREFIX = "/apis/coordination.k8s.io/v1/namespaces/"
+
     def __init__(self, api):
-        self.coordination = api
+        self.api = api
+        self.requests = []
+
+    def request(self, method, path, query=None, body=None, _request_timeout=None, _preload_content=False):
+        self.requests.append((method, path, list(query or []), body))
+        assert path.startswith(self.PREFIX), path
+        namespace, rest = path[len(self.PREFIX):].split("/", 1)
+        dry_run = dict(query or []).get("dryRun")
+        if rest == "leases" and method == "POST":
+            return self.api.create_namespaced_lease(namespace, body, dry_run=dry_run)
+        name = rest[len("leases/"):]
+        if method == "GET":
+            return self.api.read_namespaced_lease(name, namespace)
+        if method == "PUT":
+            return self.api.replace_namespaced_lease(name, namespace, body, dry_run=dry_run)
+        if method == "DELETE":
+            return self.api.delete_namespaced_lease(name, namespace, body=body, dry_run=dry_run)
+        raise AssertionError("unexpected request %s %s" % (method, path))
 
     def call(self, what, fn, *args, **kwargs):
         return fn(*args, **kwargs)
@@ -403,3 +424,23 @@ def test_other_api_errors_are_raised():
     api.create_namespaced_lease = forbidden
     with pytest.raises(K8sError, match="forbidden"):
         run(api)
+
+
+@pytest.mark.parametrize("check_mode", [True, False])
+def test_requests_on_the_wire(check_mode):
+    # create (POST to the collection), then release (GET, DELETE with the resourceVersion
+    # precondition); check mode sends every write as a server-side dry run
+    api = seeded(absent=True)
+    client = FakeClient(api)
+    run_node_lease(client, request(), "acquired", check_mode, clock=lambda: NOW)
+    run_node_lease(client, request(), "released", False, clock=lambda: NOW)
+    path = FakeClient.PREFIX + "kube-system/leases"
+    writes = [(m, p, q) for m, p, q, _b in client.requests if m != "GET"]
+    dry = [("dryRun", "All")] if check_mode else []
+    assert writes[0] == ("POST", path, dry)
+    create_body = [b for m, _p, _q, b in client.requests if m == "POST"][0]
+    assert create_body["kind"] == "Lease" and create_body["metadata"]["name"] == NAME
+    if not check_mode:
+        method, where, query, body = [r for r in client.requests if r[0] == "DELETE"][0]
+        assert (where, query) == (path + "/" + NAME, [])
+        assert body == {"preconditions": {"resourceVersion": "101"}}
