@@ -452,17 +452,21 @@ class NvmlReader:
         self.abandoned = False
 
     # one guarded NVML call for a GPU field
-    def _query(self, gpu: GpuReading, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def _query(self, gpu: GpuReading, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, or None: a call this GPU, driver or library does not have
+        (not supported, no such function, a struct version it does not know) is not an error;
+        any other NVML error is recorded in ``read_errors[name]``."""
         if gpu.lost:
             return None
         self._enter("%s(GPU %d)" % (getattr(fn, "__name__", name), gpu.index))
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except self.nvml.NVMLError as exc:
             code = _error_code(exc)
             if code == NVML_ERROR_GPU_IS_LOST:
                 gpu.lost = True
-            if code not in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND):
+            if code not in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND,
+                            NVML_ERROR_ARGUMENT_VERSION_MISMATCH):
                 gpu.read_errors[name] = nvml_error_name(code)
             return None
 
@@ -556,28 +560,19 @@ class NvmlReader:
 
         nvmlDeviceGetMemoryInfo_v2 (drivers R510 and newer) reports the memory the driver and
         firmware reserve apart, and its ``used`` excludes it, as nvidia-smi's "Used" does (an idle
-        H200 on R580: v1 used 615 MiB, v2 used 0 MiB and reserved 616 MiB). Older drivers and
-        older nvidia-ml-py lack it: v1 is read then, ``used`` includes the reserved memory and
-        ``reserved_mib`` stays null.
+        H200 on R580: v1 used 615 MiB; v2 used 0 MiB and reserved 615.06 MiB, which nvidia-smi
+        shows as 616). Older drivers and older nvidia-ml-py lack it: v1 is read then, ``used``
+        includes the reserved memory and ``reserved_mib`` stays null. A v2 call that fails for
+        another reason is recorded and not papered over with v1.
         """
         nvml = self.nvml
         version = getattr(nvml, "nvmlMemory_v2", None)
         memory = None
         if version is not None:
-            self._enter("nvmlDeviceGetMemoryInfo_v2(GPU %d)" % gpu.index)
-            try:
-                memory = nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
-            except nvml.NVMLError as exc:
-                code = _error_code(exc)
-                if code == NVML_ERROR_GPU_IS_LOST:
-                    gpu.lost = True
-                    return
-                if code not in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND,
-                                NVML_ERROR_ARGUMENT_VERSION_MISMATCH):
-                    gpu.read_errors["memory"] = nvml_error_name(code)
-                    return
-                memory = None
-            else:
+            memory = self._query(gpu, "memory", nvml.nvmlDeviceGetMemoryInfo, handle, version=version)
+            if gpu.lost or "memory" in gpu.read_errors:
+                return
+            if memory is not None:
                 gpu.memory_reserved_mib = int(memory.reserved) // MIB
         if memory is None:
             memory = self._query(gpu, "memory", nvml.nvmlDeviceGetMemoryInfo, handle)
