@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._errors import InvalidOptionError, K8sError
-from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_apply import call_json
+from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_apply import call_json, read_path
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import K8sClient, is_not_found
 from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_names import (
     check_dns_subdomain,
@@ -831,13 +831,8 @@ class FleetReader:
     def snapshot(self, query: FleetQuery) -> FleetSnapshot:
         # three GETs through client.request: no typed API class is imported (see K8sClient.request)
         get = self.client.request
-        try:
-            daemonset = call_json(self.client, "get DaemonSet %s/%s" % (query.namespace, query.daemonset_name), get, "GET",
-                                  "/apis/apps/v1/namespaces/%s/daemonsets/%s" % (query.namespace, query.daemonset_name))
-        except K8sError as exc:
-            if not is_not_found(exc):
-                raise
-            daemonset = None
+        daemonset = read_path(self.client, "get DaemonSet %s/%s" % (query.namespace, query.daemonset_name),
+                              "/apis/apps/v1/namespaces/%s/daemonsets/%s" % (query.namespace, query.daemonset_name))
         match_labels = (((daemonset or {}).get("spec") or {}).get("selector") or {}).get("matchLabels") \
             or query.pod_selector or {}
         nodes = call_json(self.client, "list nodes", get, "GET", "/api/v1/nodes",

@@ -108,14 +108,25 @@ class ApplyResult:
                 "before_header": self.ref, "after_header": self.ref}
 
 
-def read_object(client: Any, api: ObjectApi, name: str, namespace: str) -> Optional[Dict[str, Any]]:
-    """The live object, or None when it does not exist."""
+def _unless_not_found(fetch: Callable[[], Any]) -> Optional[Dict[str, Any]]:
     try:
-        return call_json(client, "get %s %s/%s" % (api.kind, namespace, name), api.read, name, namespace)
+        return fetch()
     except K8sError as exc:
         if is_not_found(exc):
             return None
         raise
+
+
+def read_object(client: Any, api: ObjectApi, name: str, namespace: str) -> Optional[Dict[str, Any]]:
+    """The live object, or None when it does not exist."""
+    return _unless_not_found(lambda: call_json(client, "get %s %s/%s" % (api.kind, namespace, name), api.read,
+                                               name, namespace))
+
+
+def read_path(client: Any, what: str, path: str) -> Optional[Dict[str, Any]]:
+    """The object at an API path (GET through ``client.request``, no typed API class), or None
+    when it does not exist."""
+    return _unless_not_found(lambda: call_json(client, what, client.request, "GET", path))
 
 
 def server_side_apply(client: Any, api: ObjectApi, desired: Dict[str, Any], dry_run: bool) -> Dict[str, Any]:

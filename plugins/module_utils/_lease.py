@@ -27,8 +27,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ansible_collections.gpunode.bringup.plugins.module_utils._errors import InvalidOptionError, K8sError
-from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_apply import call_json
-from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_client import is_not_found
+from ansible_collections.gpunode.bringup.plugins.module_utils._k8s_apply import call_json, read_path
 
 API_VERSION = "coordination.k8s.io/v1"
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -271,13 +270,8 @@ class NodeLease:
 
     # --- API calls (K8sClient.request: no typed API class to import) -----------------------
     def read(self) -> Optional[LeaseRecord]:
-        try:
-            obj = call_json(self.client, "get " + self.ref, self.client.request, "GET", self.path)
-        except K8sError as exc:
-            if is_not_found(exc):
-                return None
-            raise
-        return LeaseRecord.from_object(obj)
+        obj = read_path(self.client, "get " + self.ref, self.path)
+        return LeaseRecord.from_object(obj) if obj is not None else None
 
     def _dry_run(self) -> List[Tuple[str, str]]:
         return [("dryRun", "All")] if self.check_mode else []
