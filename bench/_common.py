@@ -480,6 +480,15 @@ def banner(title: str) -> None:
     print("=" * 100, flush=True)
 
 
+def begin(title: str, kubectl: bool = False) -> Dict[str, Any]:
+    """A benchmark's banner and the one line on the machine it runs on; the machine's details."""
+    banner(title)
+    machine = machine_info()
+    print("machine: %(nproc)s cores, %(memory_gib)s GiB, %(cpu_model)s; Python %(python)s, ansible-core %(ansible_core)s"
+          % machine + (", kubectl %s" % machine["kubectl"] if kubectl else ""), flush=True)
+    return machine
+
+
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

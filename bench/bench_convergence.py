@@ -259,10 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     reps = args.reps or (10 if args.quick else 20)
     ansible_reps = args.ansible_reps if args.ansible_reps is not None else (3 if args.quick else 5)
 
-    c.banner("Convergence: plugin pod deleted -> device_plugin_restart sees the node advertised again")
-    machine = c.machine_info()
-    print("machine: %(nproc)s cores, %(memory_gib)s GiB, %(cpu_model)s; Python %(python)s, ansible-core %(ansible_core)s"
-          % machine, flush=True)
+    machine = c.begin("Convergence: plugin pod deleted -> device_plugin_restart sees the node advertised again")
     work = c.workdir("bc")
     samples: List[Dict[str, Any]] = []
     through_ansible: List[Dict[str, Any]] = []

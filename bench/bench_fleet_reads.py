@@ -285,10 +285,7 @@ def main(argv: List[str] = None) -> int:
     kubectl_reps = args.kubectl_reps or (1 if args.quick else 3)
     sample = args.sample or (20 if args.quick else 100)
 
-    c.banner("Fleet reads: device_plugin_info vs per-node kubectl (API-only lab fleets)")
-    machine = c.machine_info()
-    print("machine: %(nproc)s cores, %(memory_gib)s GiB, %(cpu_model)s; Python %(python)s, ansible-core %(ansible_core)s, "
-          "kubectl %(kubectl)s" % machine)
+    machine = c.begin("Fleet reads: device_plugin_info vs per-node kubectl (API-only lab fleets)", kubectl=True)
     print("repetitions: module %d, kubectl loop %d; kubectl sample %d nodes above that size" % (reps, kubectl_reps, sample),
           flush=True)
     entries = []

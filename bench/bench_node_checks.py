@@ -155,10 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     reps = args.reps or (2 if args.quick else 5)
 
-    c.banner("Node-side checks: nvml_info + device_plugin_probe vs test -S + a pynvml one-liner (full lab)")
-    machine = c.machine_info()
-    print("machine: %(nproc)s cores, %(memory_gib)s GiB, %(cpu_model)s; Python %(python)s, ansible-core %(ansible_core)s"
-          % machine, flush=True)
+    machine = c.begin("Node-side checks: nvml_info + device_plugin_probe vs test -S + a pynvml one-liner (full lab)")
     work = c.workdir("bn")
     inproc: List[Dict[str, Any]] = []
     fresh_runs: List[Dict[str, float]] = []

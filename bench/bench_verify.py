@@ -140,11 +140,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.no_profile = args.no_profile or args.quick
     args.nodes = args.nodes or (20 if args.quick else 50)
 
-    c.banner("Verify playbook: gpu_node_verify.yml vs the common-way check (%d-node full lab, -f %d)"
-             % (args.nodes, args.forks))
-    machine = c.machine_info()
-    print("machine: %(nproc)s cores, %(memory_gib)s GiB, %(cpu_model)s; Python %(python)s, ansible-core %(ansible_core)s, "
-          "kubectl %(kubectl)s" % machine, flush=True)
+    machine = c.begin("Verify playbook: gpu_node_verify.yml vs the common-way check (%d-node full lab, -f %d)"
+                      % (args.nodes, args.forks), kubectl=True)
     work = c.workdir("bv")
     ours: List[Dict[str, Any]] = []
     base: List[Dict[str, Any]] = []
