@@ -15,12 +15,14 @@ export ANSIBLE_REMOTE_TMP := $(BUILD)/ansible-tmp
 export ANSIBLE_LOCAL_TEMP := $(BUILD)/ansible-tmp
 export PYTHONPATH := $(BUILD):$(CURDIR)
 
-.PHONY: help venv collection lab-nvml test sanity lint docs units pytest stubs-check demo bench build clean
+.PHONY: help venv collection lab lab-nvml test sanity lint docs units pytest stubs-check demo bench build clean
 
 help:
 	@echo "make test   set up (venv, collection path, lab NVML) and run every test with a summary line"
 	@echo "make demo   set up and run gpu_node_bringup.yml on a four-node lab fleet, twice"
 	@echo "make bench  run the benchmarks in bench/ (ratios against a baseline in the same run)"
+	@echo "make lab    build the lab's real parts from their Go modules (Kubernetes control plane,"
+	@echo "            NVIDIA's device plugin; lab/pins.env), cached in .build/lab/bin"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -31,6 +33,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 collection:
 	@mkdir -p $(dir $(COLLECTION_LINK)) $(ANSIBLE_HOME) $(BUILD)/ansible-tmp
 	@ln -sfn ../../.. $(COLLECTION_LINK)
+
+# The real Kubernetes control plane and NVIDIA's device plugin, from their Go modules; rebuilt
+# only when lab/pins.env, lab/controlplane or the Go version change (stamps next to the binaries).
+lab:
+	$(PYTHON) -m lab.build
 
 lab-nvml: $(LAB_NVML)
 $(LAB_NVML): $(wildcard lab/nvml/*.c lab/nvml/*.h)
