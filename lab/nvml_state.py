@@ -13,11 +13,16 @@ A state is a plain dict (JSON-shaped)::
         "cuda_driver_version": 12040,
         "nvml_version": "12.550.54.15",
         "init_error": 0,              # NVML return code of nvmlInit (0 = works)
-        "gpus": [{...}, ...],         # index = position; keys: GPU_FIELDS
-        "xid_events": [{"seq": 1, "gpu": 0, "xid": 79}, ...],
+        "gpus": [{...}, ...],         # index = position; keys: GPU_FIELDS, and "mig_devices"
+        "xid_events": [{"seq": 1, "gpu": 0, "xid": 79}, ...],  # + "gi"/"ci" for a MIG device
         "xid_next_seq": 2,            # never decreases, so cleared events are not re-delivered
         "removed_gpus": [{...}],      # GPUs hidden by the gpu_count_low fault
     }
+
+A GPU with MIG enabled may carry ``"mig_devices"``: ``[{"profile": "3g.40gb", "uuid": "MIG-...",
+"gi": 2, "ci": 0, "placement": 4}, ...]`` in GPU instance id order (``set_mig`` /
+``configure_mig`` make them). The GPU instance profiles NVML reports come from the GPU's model
+(``GpuModel.mig_profiles``) and are written to the file, not kept in the dict.
 
 Fault helpers are pure: each takes a state and returns a new one. ``apply_fault`` /
 ``clear_fault`` do read -> change -> atomic write under a lock file (``<path>.lock``).
@@ -32,7 +37,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 State = Dict[str, Any]
 Gpu = Dict[str, Any]
@@ -47,6 +52,24 @@ NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_UNKNOWN = 999
+
+# NVML return codes by name (nvml.h's NVML_ERROR_* without the prefix), e.g. for
+# GPUNODE_LAB_NVML_INIT_ERROR=<code>.
+NVML_ERRORS: Dict[str, int] = {
+    "ERROR_UNINITIALIZED": 1, "ERROR_INVALID_ARGUMENT": 2, "ERROR_NOT_SUPPORTED": 3,
+    "ERROR_NO_PERMISSION": 4, "ERROR_ALREADY_INITIALIZED": 5, "ERROR_NOT_FOUND": 6,
+    "ERROR_INSUFFICIENT_SIZE": 7, "ERROR_INSUFFICIENT_POWER": 8, "ERROR_DRIVER_NOT_LOADED": 9,
+    "ERROR_TIMEOUT": 10, "ERROR_IRQ_ISSUE": 11, "ERROR_LIBRARY_NOT_FOUND": 12,
+    "ERROR_FUNCTION_NOT_FOUND": 13, "ERROR_CORRUPTED_INFOROM": 14, "ERROR_GPU_IS_LOST": 15,
+    "ERROR_RESET_REQUIRED": 16, "ERROR_OPERATING_SYSTEM": 17, "ERROR_LIB_RM_VERSION_MISMATCH": 18,
+    "ERROR_IN_USE": 19, "ERROR_MEMORY": 20, "ERROR_NO_DATA": 21, "ERROR_UNKNOWN": 999,
+}
+ENV_INIT_ERROR = "GPUNODE_LAB_NVML_INIT_ERROR"  # per process: nvmlInit returns this code
+
+NVML_DEVICE_MIG_DISABLE = 0
+NVML_DEVICE_MIG_ENABLE = 1
+MAX_MIG_DEVICES = 7  # LAB_MAX_MIG: nvmlDeviceGetMaxMigDeviceCount of an A100/H100
 
 NVML_DEVICE_ARCH_VOLTA = 5
 NVML_DEVICE_ARCH_TURING = 6
@@ -69,6 +92,66 @@ FEATURES = (
 
 
 @dataclass(frozen=True)
+class MigProfile:
+    """A GPU instance profile as ``nvmlDeviceGetGpuInstanceProfileInfo`` reports it (values of
+    ``nvidia-smi mig -lgip`` on a real board) and where its instances can be placed."""
+
+    name: str  # "1g.10gb", what go-nvlib derives from the slices and memory
+    index: int  # NVML_GPU_INSTANCE_PROFILE_* (0 = 1_SLICE, 7 = 1_SLICE_REV1, 9 = 1_SLICE_REV2...)
+    id: int  # the profile id (nvidia-smi's "ID" column, e.g. 19 for 1g.10gb)
+    slices: int
+    instances: int
+    sm: int
+    ce: int
+    dec: int
+    enc: int
+    jpeg: int
+    ofa: int
+    memory_mib: int
+    placements: Tuple[int, ...]  # first memory slice of each possible placement
+    placement_size: int  # memory slices one placement spans (of 8)
+
+    def line(self) -> str:
+        """The value of a ``gpu.N.mig_profile.<index>=`` line (lab/nvml/README.md)."""
+        return " ".join(str(v) for v in (
+            self.name, self.id, self.slices, self.instances, self.sm, self.ce, self.dec, self.enc,
+            self.jpeg, self.ofa, self.memory_mib, self.placement_size))
+
+
+_ALL_1G = (0, 1, 2, 3, 4, 5, 6)
+
+
+def _mig_table(names: Tuple[str, ...], memory: Tuple[int, ...], engines: Tuple[Tuple[int, ...], ...]) -> Tuple[MigProfile, ...]:
+    """Profiles 1g, 1g+me, 1g (2 memory slices), 2g, 3g, 4g, 7g: NVML index, id, slices, instances
+    and placements are the same on A100 and H100; names, memory and engines differ."""
+    layout = (  # index, id, slices, instances, placements, placement size
+        (0, 19, 1, 7, _ALL_1G, 1), (7, 20, 1, 1, _ALL_1G, 1), (9, 15, 1, 4, (0, 2, 4, 6), 2),
+        (1, 14, 2, 3, (0, 2, 4), 2), (2, 9, 3, 2, (0, 4), 4), (3, 5, 4, 1, (0,), 4), (4, 0, 7, 1, (0,), 8),
+    )
+    return tuple(
+        MigProfile(name, index, pid, slices, instances, *engine, memory_mib=mem, placements=places,
+                   placement_size=size)
+        for name, mem, engine, (index, pid, slices, instances, places, size) in zip(names, memory, engines, layout)
+    )
+
+
+# engines: sm, ce, dec, enc, jpeg, ofa (nvidia-smi mig -lgip: SM, CE, DEC, ENC, JPEG, OFA)
+_A100_ENGINES = ((14, 1, 0, 0, 0, 0), (14, 1, 1, 0, 1, 1), (14, 1, 1, 0, 0, 0), (28, 2, 1, 0, 0, 0),
+                 (42, 3, 2, 0, 0, 0), (56, 4, 2, 0, 0, 0), (98, 7, 5, 0, 1, 1))
+MIG_PROFILES_A100_80GB = _mig_table(
+    ("1g.10gb", "1g.10gb+me", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"),
+    (9728, 9728, 19968, 19968, 40192, 40192, 80640), _A100_ENGINES)
+MIG_PROFILES_A100_40GB = _mig_table(
+    ("1g.5gb", "1g.5gb+me", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb"),
+    (4864, 4864, 9856, 9856, 19968, 19968, 40192), _A100_ENGINES)
+MIG_PROFILES_H100_80GB = _mig_table(
+    ("1g.10gb", "1g.10gb+me", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"),
+    (9984, 9984, 20096, 20096, 40448, 40448, 81152),
+    ((16, 1, 1, 0, 1, 0), (16, 1, 1, 0, 1, 1), (26, 1, 1, 0, 1, 0), (32, 2, 2, 0, 2, 0),
+     (60, 3, 3, 0, 3, 0), (64, 4, 4, 0, 4, 0), (132, 8, 7, 0, 7, 1)))
+
+
+@dataclass(frozen=True)
 class GpuModel:
     """A GPU kind as NVML reports it (values of a real board, idle)."""
 
@@ -83,6 +166,8 @@ class GpuModel:
     idle_power_mw: int
     idle_temperature: int
     mig: bool
+    power_limit_w: int = 0
+    mig_profiles: Tuple[MigProfile, ...] = ()
 
     @property
     def uses_row_remapping(self) -> bool:
@@ -101,13 +186,15 @@ GPU_MODELS: Dict[str, GpuModel] = {
     model.key: model
     for model in (
         GpuModel("A100", "NVIDIA A100-SXM4-80GB", NVML_DEVICE_ARCH_AMPERE, (8, 0), 81920, 591,
-                 0x20B210DE, 0x147F10DE, 62000, 31, True),
+                 0x20B210DE, 0x147F10DE, 62000, 31, True, 400, MIG_PROFILES_A100_80GB),
+        GpuModel("A100-40GB", "NVIDIA A100-SXM4-40GB", NVML_DEVICE_ARCH_AMPERE, (8, 0), 40960, 421,
+                 0x20B010DE, 0x134F10DE, 55000, 30, True, 400, MIG_PROFILES_A100_40GB),
         GpuModel("H100", "NVIDIA H100 80GB HBM3", NVML_DEVICE_ARCH_HOPPER, (9, 0), 81559, 523,
-                 0x233010DE, 0x16C110DE, 71000, 33, True),
+                 0x233010DE, 0x16C110DE, 71000, 33, True, 700, MIG_PROFILES_H100_80GB),
         GpuModel("V100", "Tesla V100-SXM2-32GB", NVML_DEVICE_ARCH_VOLTA, (7, 0), 32768, 258,
-                 0x1DB510DE, 0x124910DE, 43000, 35, False),
+                 0x1DB510DE, 0x124910DE, 43000, 35, False, 300),
         GpuModel("T4", "Tesla T4", NVML_DEVICE_ARCH_TURING, (7, 5), 15360, 255,
-                 0x1EB810DE, 0x12A210DE, 9000, 38, False),
+                 0x1EB810DE, 0x12A210DE, 9000, 38, False, 70),
     )
 }
 
@@ -148,6 +235,7 @@ GPU_FIELDS: Dict[str, type] = {
     "remapped_rows_failure": int,
     "temperature": int,
     "power_usage_mw": int,
+    "power_limit_mw": int,  # nvmlDeviceGetEnforcedPowerLimit (0: not reported)
     "cuda_cc_major": int,
     "cuda_cc_minor": int,
     "lost": int,
@@ -218,6 +306,7 @@ def make_gpu(node_name: str, index: int, model: str = "A100") -> Gpu:
         "remapped_rows_failure": 0,
         "temperature": kind.idle_temperature,
         "power_usage_mw": kind.idle_power_mw,
+        "power_limit_mw": kind.power_limit_w * 1000,
         "cuda_cc_major": kind.cuda_cc[0],
         "cuda_cc_minor": kind.cuda_cc[1],
         "lost": 0,
@@ -264,14 +353,56 @@ def _text(key: str, value: Any) -> str:
     return text
 
 
-def _gpu_lines(prefix: str, gpu: Gpu) -> List[str]:
+# Keys of a MIG device dict, in file order (int values decimal).
+MIG_FIELDS: Dict[str, type] = {
+    "profile": str, "uuid": str, "gi": int, "ci": int, "placement": int, "memory_used": int,
+}
+
+
+def _uint(prefix: str, key: str, value: Any, bits: int) -> None:
+    if not 0 <= int(value) < 2 ** bits:
+        raise ValueError("%s.%s must be an unsigned %d-bit integer, got %r" % (prefix, key, bits, value))
+
+
+def _mig_lines(prefix: str, gpu: Gpu, check_profiles: bool) -> List[str]:
+    lines = []
+    devices = gpu.get("mig_devices") or []
+    if len(devices) > MAX_MIG_DEVICES:
+        raise ValueError("%s: at most %d MIG devices per GPU, got %d" % (prefix, MAX_MIG_DEVICES, len(devices)))
+    if devices and check_profiles:  # what the C library would reject the whole file for
+        kind = GPU_MODELS.get(str(gpu.get("model")))
+        known = {p.name for p in kind.mig_profiles} if kind else set()
+        unknown = sorted({str(d.get("profile")) for d in devices} - known)
+        if unknown:
+            raise ValueError("%s: MIG profile(s) %s unknown to GPU model %r" % (prefix, unknown, gpu.get("model")))
+        gis = [d.get("gi") for d in devices]
+        if len(set(gis)) != len(gis):
+            raise ValueError("%s: two MIG devices share a GPU instance id: %s" % (prefix, gis))
+    for index, device in enumerate(devices):
+        mig_prefix = "%s.mig.%d" % (prefix, index)
+        for key in ("profile", "uuid", "gi"):
+            if key not in device:
+                raise ValueError("%s has no %s" % (mig_prefix, key))
+        keys = [key for key in MIG_FIELDS if key in device] + sorted(key for key in device if key not in MIG_FIELDS)
+        for key in keys:
+            if MIG_FIELDS.get(key) is int:
+                _uint(mig_prefix, key, device[key], 64 if key == "memory_used" else 32)
+            lines.append("%s.%s=%s" % (mig_prefix, key, _text(key, device[key])))
+    return lines
+
+
+def _gpu_lines(prefix: str, gpu: Gpu, profiles: bool = False) -> List[str]:
     for key, kind in GPU_FIELDS.items():
         if kind is int and key in gpu:
-            bits = 64 if key in _U64_FIELDS else 32
-            if not 0 <= int(gpu[key]) < 2 ** bits:
-                raise ValueError("%s.%s must be an unsigned %d-bit integer, got %r" % (prefix, key, bits, gpu[key]))
-    keys = [key for key in GPU_FIELDS if key in gpu] + sorted(key for key in gpu if key not in GPU_FIELDS)
-    return ["%s.%s=%s" % (prefix, key, _text(key, gpu[key])) for key in keys]
+            _uint(prefix, key, gpu[key], 64 if key in _U64_FIELDS else 32)
+    keys = [key for key in GPU_FIELDS if key in gpu] + sorted(
+        key for key in gpu if key not in GPU_FIELDS and key != "mig_devices")
+    lines = ["%s.%s=%s" % (prefix, key, _text(key, gpu[key])) for key in keys]
+    if profiles:  # derived from the model, for the C library; parse_state skips them
+        kind = GPU_MODELS.get(str(gpu.get("model")))
+        for profile in kind.mig_profiles if kind else ():
+            lines.append("%s.mig_profile.%d=%s" % (prefix, profile.index, profile.line()))
+    return lines + _mig_lines(prefix, gpu, check_profiles=profiles)
 
 
 def render_state(state: State) -> str:
@@ -291,9 +422,12 @@ def render_state(state: State) -> str:
     for index, gpu in enumerate(gpus):
         if not gpu.get("uuid"):
             raise ValueError("GPU %d has no uuid" % index)
-        lines.extend(_gpu_lines("gpu.%d" % index, gpu))
+        lines.extend(_gpu_lines("gpu.%d" % index, gpu, profiles=True))
     for event in state.get("xid_events", []):
-        lines.append("xid=%d %d %d" % (int(event["seq"]), int(event["gpu"]), int(event["xid"])))
+        line = "xid=%d %d %d" % (int(event["seq"]), int(event["gpu"]), int(event["xid"]))
+        if event.get("gi") is not None:
+            line += " %d %d" % (int(event["gi"]), int(event.get("ci") or 0))
+        lines.append(line)
     for index, gpu in enumerate(state.get("removed_gpus", [])):
         lines.extend(_gpu_lines("removed.%d" % index, gpu))
     lines.append("end=1")
@@ -329,10 +463,24 @@ def parse_state(text: str) -> State:
         if key.startswith(("gpu.", "removed.")):
             group, index_text, field = key.split(".", 2)
             target = gpus if group == "gpu" else removed
-            target.setdefault(int(index_text), {})[field] = _gpu_value(field, value)
+            gpu_dict = target.setdefault(int(index_text), {})
+            if field.startswith("mig_profile."):
+                continue  # derived from the model by render_state
+            if field.startswith("mig."):
+                mig_index, mig_field = field.split(".", 2)[1:]
+                devices = gpu_dict.setdefault("mig_devices", {})
+                devices.setdefault(int(mig_index), {})[mig_field] = (
+                    int(value, 0) if MIG_FIELDS.get(mig_field) is int else value)
+                continue
+            gpu_dict[field] = _gpu_value(field, value)
         elif key == "xid":
-            seq, gpu, xid = (int(part) for part in value.split())
-            state["xid_events"].append({"seq": seq, "gpu": gpu, "xid": xid})
+            parts = [int(part) for part in value.split()]
+            if len(parts) not in (3, 5):
+                raise ValueError("line %d: xid= takes 3 or 5 numbers, got %r" % (number, value))
+            event = {"seq": parts[0], "gpu": parts[1], "xid": parts[2]}
+            if len(parts) == 5:
+                event.update(gi=parts[3], ci=parts[4])
+            state["xid_events"].append(event)
         elif key == "gpu_count":
             gpu_count = int(value)
         elif key == "end":
@@ -345,6 +493,12 @@ def parse_state(text: str) -> State:
         raise ValueError("state file is incomplete (missing format=%d, gpu_count= or end=)" % STATE_FORMAT)
     if sorted(gpus) != list(range(gpu_count)):
         raise ValueError("gpu_count=%d but GPU indexes %s" % (gpu_count, sorted(gpus)))
+    for gpu in list(gpus.values()) + list(removed.values()):
+        if "mig_devices" in gpu:
+            devices = gpu["mig_devices"]
+            if sorted(devices) != list(range(len(devices))):
+                raise ValueError("MIG device indexes %s are not 0..%d" % (sorted(devices), len(devices) - 1))
+            gpu["mig_devices"] = [devices[index] for index in range(len(devices))]
     state["gpus"] = [gpus[index] for index in range(gpu_count)]
     state["removed_gpus"] = [removed[index] for index in sorted(removed)]
     state.setdefault("xid_next_seq", max([e["seq"] for e in state["xid_events"]] + [0]) + 1)
@@ -405,6 +559,139 @@ def update_state(path: str, change: Callable[[State], State]) -> State:
         state = change(read_state(path))
         write_state(path, state)
         return state
+
+
+# ---- MIG -----------------------------------------------------------------------------------
+
+Layout = Union[Sequence[str], Mapping[int, Sequence[str]]]
+
+
+def mig_profiles(gpu: Gpu) -> Dict[str, MigProfile]:
+    """The MIG profiles of a GPU dict's model by name; ValueError for a GPU without MIG."""
+    kind = GPU_MODELS.get(str(gpu.get("model")))
+    if kind is None or not kind.mig_profiles or "mig" in gpu.get("unsupported", []):
+        raise ValueError("GPU %s does not support MIG" % _model(gpu))
+    return {profile.name: profile for profile in kind.mig_profiles}
+
+
+def mig_gpu_instance_id(placement: int, placement_size: int) -> int:
+    """The GPU instance id the driver gives a placement (start, size in memory slices of 8):
+    0 for the whole GPU, 1-2 for halves, 3-6 for quarters, 7-14 for eighths."""
+    if placement_size == 8:
+        return 0
+    if placement_size == 4:
+        return 1 + placement // 4
+    if placement_size == 2:
+        return 3 + placement // 2
+    return 7 + placement
+
+
+def mig_uuid(gpu_uuid_text: str, gi: int, ci: int) -> str:
+    """Deterministic ``MIG-xxxxxxxx-xxxx-5xxx-xxxx-xxxxxxxxxxxx`` (a v5-style UUID, like the
+    driver's) for compute instance ``ci`` of GPU instance ``gi`` on GPU ``gpu_uuid_text``."""
+    h = _digest("mig", gpu_uuid_text, gi, ci)
+    variant = "89ab"[int(h[16], 16) % 4]
+    return "MIG-%s-%s-5%s-%s%s-%s" % (h[0:8], h[8:12], h[13:16], variant, h[17:20], h[20:32])
+
+
+def plan_mig(gpu: Gpu, profiles: Sequence[str]) -> List[Dict[str, Any]]:
+    """The MIG devices ``profiles`` (names, e.g. ``["3g.40gb", "2g.20gb", "1g.10gb"]``) make on
+    ``gpu``: each a GPU instance with one compute instance over all its slices, placed where the
+    driver can place it (no two instances share a memory slice). ValueError for an unknown
+    profile, more instances of a profile than it allows, or a layout that does not fit."""
+    known = mig_profiles(gpu)
+    if isinstance(profiles, str):
+        raise ValueError("a MIG layout is a list of profile names, got the string %r" % profiles)
+    wanted = []
+    for name in profiles:
+        if name not in known:
+            raise ValueError("GPU %s has no MIG profile %r (known: %s)" % (_model(gpu), name, ", ".join(known)))
+        wanted.append(known[name])
+    if len(wanted) > MAX_MIG_DEVICES:
+        raise ValueError("at most %d MIG devices per GPU, got %d" % (MAX_MIG_DEVICES, len(wanted)))
+    for profile in known.values():
+        count = sum(1 for p in wanted if p is profile)
+        if count > profile.instances:
+            raise ValueError("MIG %s allows %d instance(s) per GPU, got %d" % (profile.name, profile.instances, count))
+    if sum(p.slices for p in wanted) > 7:
+        raise ValueError("MIG layout %s needs %d compute slices, a GPU has 7"
+                         % (list(profiles), sum(p.slices for p in wanted)))
+
+    def place(i: int, used: int) -> Optional[List[int]]:
+        if i == len(wanted):
+            return []
+        profile = wanted[i]
+        for start in profile.placements:
+            mask = ((1 << profile.placement_size) - 1) << start
+            if used & mask:
+                continue
+            rest = place(i + 1, used | mask)
+            if rest is not None:
+                return [start] + rest
+        return None
+
+    starts = place(0, 0)
+    if starts is None:
+        raise ValueError("MIG layout %s does not fit on one GPU (memory slice placements overlap)" % list(profiles))
+    devices = []
+    for profile, start in zip(wanted, starts):
+        gi = mig_gpu_instance_id(start, profile.placement_size)
+        devices.append({"profile": profile.name, "uuid": mig_uuid(gpu["uuid"], gi, 0), "gi": gi, "ci": 0,
+                        "placement": start})
+    return sorted(devices, key=lambda device: device["gi"])  # NVML enumerates them by GPU instance id
+
+
+def set_mig(state: State, layout: Layout, mode: int = NVML_DEVICE_MIG_ENABLE) -> State:
+    """``state`` with MIG configured; pure.
+
+    ``layout``: ``{gpu index: [profile name, ...]}`` for those GPUs, or one list for every GPU.
+    ``mode`` 1: MIG enabled (current and pending) with those MIG devices (an empty list: enabled,
+    no MIG devices yet); 0: MIG disabled, the list must be empty. GPUs not in ``layout`` keep theirs.
+    """
+    if mode not in (NVML_DEVICE_MIG_DISABLE, NVML_DEVICE_MIG_ENABLE):
+        raise ValueError("MIG mode must be 0 (disabled) or 1 (enabled), got %r" % (mode,))
+    new = copy.deepcopy(state)
+    if isinstance(layout, Mapping):
+        items = [(int(index), list(profiles)) for index, profiles in layout.items()]
+    else:
+        items = [(index, list(layout)) for index in range(len(new["gpus"]))]
+    for index, profiles in items:
+        gpu = new["gpus"][_gpu_index(new, index)]
+        mig_profiles(gpu)
+        if mode == NVML_DEVICE_MIG_DISABLE:
+            if profiles:
+                raise ValueError("GPU %d: MIG disabled (mode 0) takes no MIG devices, got %s" % (index, profiles))
+            devices: List[Dict[str, Any]] = []
+        else:
+            devices = plan_mig(gpu, profiles)
+        gpu["mig_current"] = gpu["mig_pending"] = mode
+        if devices:
+            gpu["mig_devices"] = devices
+        else:
+            gpu.pop("mig_devices", None)
+    return new
+
+
+def configure_mig(path: str, layout: Layout, mode: int = NVML_DEVICE_MIG_ENABLE) -> State:
+    """``set_mig`` on the state file at ``path``; returns the new state. Example::
+
+        configure_mig(path, {0: ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"], 1: ["7g.80gb"]})
+    """
+    return update_state(path, lambda state: set_mig(state, layout, mode))
+
+
+def mig_minors_text(state: State) -> str:
+    """``/proc/driver/nvidia-caps/mig-minors`` as the driver writes it for ``state``'s GPUs
+    (by minor number): NVIDIA's device plugin maps each MIG device's GPU/compute instance to its
+    ``/dev/nvidia-caps/nvidia-cap<N>`` device node through this file."""
+    lines = ["config 1", "monitor 2"]
+    for minor in sorted({int(gpu["minor_number"]) for gpu in state["gpus"]}):
+        base = 3 + minor * 135
+        for gi in range(15):
+            lines.append("gpu%d/gi%d/access %d" % (minor, gi, base + gi * 9))
+            for ci in range(8):
+                lines.append("gpu%d/gi%d/ci%d/access %d" % (minor, gi, ci, base + gi * 9 + 1 + ci))
+    return "\n".join(lines) + "\n"
 
 
 # ---- faults ------------------------------------------------------------------------------
@@ -575,19 +862,27 @@ def _clear_remapped_rows_failure(state: State, gpu: Optional[int] = None) -> Sta
     return _set_fields(state, indexes, remapped_rows_failure=0)
 
 
-def queue_xid(state: State, gpu: int, xid: int) -> State:
-    """Queue one XID event on GPU ``gpu``; each NVML event set delivers it once, in order."""
+def queue_xid(state: State, gpu: int, xid: int, gi: Optional[int] = None, ci: Optional[int] = None) -> State:
+    """Queue one XID event on GPU ``gpu``; each NVML event set delivers it once, in order.
+
+    ``gi``/``ci``: the event names that MIG device (GPU / compute instance id, ``ci`` default 0),
+    as the driver reports an XID inside a MIG device; otherwise both are 0xFFFFFFFF.
+    """
     index = _gpu_index(state, gpu)
     new = copy.deepcopy(state)
     seq = int(new.get("xid_next_seq", 1))
-    new.setdefault("xid_events", []).append({"seq": seq, "gpu": index, "xid": int(xid)})
+    event = {"seq": seq, "gpu": index, "xid": int(xid)}
+    if gi is not None:
+        event.update(gi=int(gi), ci=int(ci or 0))
+    new.setdefault("xid_events", []).append(event)
     new["xid_next_seq"] = seq + 1
     return new
 
 
-def critical_xid(state: State, gpu: Optional[int] = None, xid: int = XID_GPU_FALLEN_OFF_BUS) -> State:
+def critical_xid(state: State, gpu: Optional[int] = None, xid: int = XID_GPU_FALLEN_OFF_BUS,
+                 gi: Optional[int] = None, ci: Optional[int] = None) -> State:
     """Queue a critical XID (default 79, GPU fallen off the bus) on ``gpu`` (default: the last)."""
-    return queue_xid(state, _gpu_index(state, gpu), xid)
+    return queue_xid(state, _gpu_index(state, gpu), xid, gi=gi, ci=ci)
 
 
 def _clear_critical_xid(state: State, gpu: Optional[int] = None) -> State:

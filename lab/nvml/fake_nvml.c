@@ -7,6 +7,10 @@
  * call and re-parsed when its identity (device, inode, size, mtime, ctime) changes, so faults
  * written while a process runs are seen by that process's next call.
  *
+ * Each nvmlInit also reads the process's container view from its environment
+ * (GPUNODE_LAB_NVML_INIT_ERROR, NVIDIA_VISIBLE_DEVICES), and the state may give GPUs MIG devices:
+ * enough of NVML's MIG API for NVIDIA's device plugin and pynvml (README.md: "MIG").
+ *
  * Build: see README.md (plain C99 + POSIX, no dependency beyond libc/pthread).
  */
 #define _POSIX_C_SOURCE 200809L
@@ -74,7 +78,14 @@ typedef int nvmlReturn_t;
 #define NVML_MEMORY_V2_VERSION 0x02000028u /* sizeof(nvmlMemory_v2_t) | (2 << 24) */
 #define NVML_INVALID_INSTANCE_ID 0xFFFFFFFFu
 
-/* ---- public structs (layouts as pynvml's ctypes Structures) ------------------------- */
+#define NVML_DEVICE_MIG_DISABLE 0u
+#define NVML_DEVICE_MIG_ENABLE 1u
+#define NVML_GPU_INSTANCE_PROFILE_COUNT 17u    /* NVML_GPU_INSTANCE_PROFILE_1_SLICE .. 2_SLICE_ALL_ME */
+#define NVML_COMPUTE_INSTANCE_PROFILE_COUNT 8u /* NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE .. 1_SLICE_REV1 */
+#define NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_COUNT 1u
+#define NVML_DEVICE_NAME_V2_BUFFER_SIZE 96
+
+/* ---- public structs (layouts as nvml.h; pynvml's ctypes Structures match) ---------------- */
 
 typedef struct {
     char busIdLegacy[16];
@@ -119,12 +130,147 @@ typedef struct { /* layout used by the unversioned nvmlEventSetWait */
     unsigned long long eventData;
 } nvmlEventData_v1_t;
 
+struct lab_gpu_instance;
+typedef struct lab_gpu_instance *nvmlGpuInstance_t;
+struct lab_compute_instance;
+typedef struct lab_compute_instance *nvmlComputeInstance_t;
+
+typedef struct {
+    unsigned int multiprocessorCount;
+    unsigned int sharedCopyEngineCount;
+    unsigned int sharedDecoderCount;
+    unsigned int sharedEncoderCount;
+    unsigned int sharedJpegCount;
+    unsigned int sharedOfaCount;
+    unsigned int gpuInstanceSliceCount;
+    unsigned int computeInstanceSliceCount;
+    unsigned long long memorySizeMB;
+} nvmlDeviceAttributes_t;
+
+typedef struct {
+    unsigned int id;
+    unsigned int isP2pSupported;
+    unsigned int sliceCount;
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int copyEngineCount;
+    unsigned int decoderCount;
+    unsigned int encoderCount;
+    unsigned int jpegCount;
+    unsigned int ofaCount;
+    unsigned long long memorySizeMB;
+} nvmlGpuInstanceProfileInfo_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int id;
+    unsigned int isP2pSupported;
+    unsigned int sliceCount;
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int copyEngineCount;
+    unsigned int decoderCount;
+    unsigned int encoderCount;
+    unsigned int jpegCount;
+    unsigned int ofaCount;
+    unsigned long long memorySizeMB;
+    char name[NVML_DEVICE_NAME_V2_BUFFER_SIZE];
+} nvmlGpuInstanceProfileInfo_v2_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int id;
+    unsigned int sliceCount;
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int copyEngineCount;
+    unsigned int decoderCount;
+    unsigned int encoderCount;
+    unsigned int jpegCount;
+    unsigned int ofaCount;
+    unsigned long long memorySizeMB;
+    char name[NVML_DEVICE_NAME_V2_BUFFER_SIZE];
+    unsigned int capabilities;
+} nvmlGpuInstanceProfileInfo_v3_t;
+
+typedef struct {
+    unsigned int id;
+    unsigned int sliceCount;
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int sharedCopyEngineCount;
+    unsigned int sharedDecoderCount;
+    unsigned int sharedEncoderCount;
+    unsigned int sharedJpegCount;
+    unsigned int sharedOfaCount;
+} nvmlComputeInstanceProfileInfo_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int id;
+    unsigned int sliceCount;
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int sharedCopyEngineCount;
+    unsigned int sharedDecoderCount;
+    unsigned int sharedEncoderCount;
+    unsigned int sharedJpegCount;
+    unsigned int sharedOfaCount;
+    char name[NVML_DEVICE_NAME_V2_BUFFER_SIZE];
+} nvmlComputeInstanceProfileInfo_v2_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int id;
+    unsigned int sliceCount;
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int sharedCopyEngineCount;
+    unsigned int sharedDecoderCount;
+    unsigned int sharedEncoderCount;
+    unsigned int sharedJpegCount;
+    unsigned int sharedOfaCount;
+    char name[NVML_DEVICE_NAME_V2_BUFFER_SIZE];
+    unsigned int capabilities;
+} nvmlComputeInstanceProfileInfo_v3_t;
+
+/* NVML_STRUCT_VERSION(data, ver) = sizeof(struct) | (ver << 24) */
+#define LAB_STRUCT_VERSION(type, ver) ((unsigned int)(sizeof(type) | ((unsigned)(ver) << 24)))
+
+typedef struct {
+    unsigned int start;
+    unsigned int size;
+} nvmlGpuInstancePlacement_t;
+
+typedef struct {
+    nvmlDevice_t device;
+    unsigned int id;
+    unsigned int profileId;
+    nvmlGpuInstancePlacement_t placement;
+} nvmlGpuInstanceInfo_t;
+
+typedef struct {
+    unsigned int start;
+    unsigned int size;
+} nvmlComputeInstancePlacement_t;
+
+typedef struct {
+    nvmlDevice_t device;
+    nvmlGpuInstance_t gpuInstance;
+    unsigned int id;
+    unsigned int profileId;
+    nvmlComputeInstancePlacement_t placement;
+} nvmlComputeInstanceInfo_t;
+
 /* ---- simulated state ---------------------------------------------------------------- */
 
 #define LAB_MAX_GPUS 64
 #define LAB_MAX_STATE_BYTES (16u * 1024u * 1024u)
 #define LAB_ENV_STATE "GPUNODE_LAB_NVML_STATE"
 #define LAB_ENV_DEBUG "GPUNODE_LAB_NVML_DEBUG"
+#define LAB_ENV_INIT_ERROR "GPUNODE_LAB_NVML_INIT_ERROR"
+#define LAB_ENV_VISIBLE "NVIDIA_VISIBLE_DEVICES"
+#define LAB_MAX_MIG 7 /* MIG devices per GPU: nvmlDeviceGetMaxMigDeviceCount of an A100/H100 */
 #define LAB_STATE_FORMAT 1
 #define LAB_POLL_MS 20u
 
@@ -162,6 +308,27 @@ static const struct {
     {"cuda_compute_capability", F_CUDA_CC},
 };
 
+/* A GPU instance profile as nvmlDeviceGetGpuInstanceProfileInfo reports it (gpu.N.mig_profile.K). */
+typedef struct {
+    int present;
+    char name[32]; /* "1g.10gb" */
+    unsigned id;   /* NVML profile id, e.g. 19 for 1g.10gb (not the profile index) */
+    unsigned slices, instances, sm, ce, dec, enc, jpeg, ofa;
+    unsigned long long memory_mb;
+    unsigned placement_size; /* memory slices a placement spans */
+} lab_mig_profile;
+
+/* A MIG device: a GPU instance with one compute instance over all its slices (gpu.N.mig.M.*). */
+typedef struct {
+    int seen;
+    char profile[32];
+    char uuid[96];
+    unsigned gi, ci, placement;
+    int have_gi;
+    unsigned long long memory_used; /* bytes */
+    unsigned profile_index;         /* resolved from profile: index into mig_profiles */
+} lab_mig;
+
 typedef struct {
     int seen;
     char uuid[96];
@@ -198,12 +365,18 @@ typedef struct {
     unsigned cuda_cc_minor;
     unsigned lost;
     unsigned unsupported; /* F_* bits */
+    unsigned power_limit_mw; /* 0: not reported (NOT_SUPPORTED) */
+    lab_mig_profile mig_profiles[NVML_GPU_INSTANCE_PROFILE_COUNT]; /* by NVML profile index */
+    lab_mig migs[LAB_MAX_MIG]; /* MIG devices (one compute instance spanning its GPU instance) */
+    unsigned mig_count;
 } lab_gpu;
 
 typedef struct {
     unsigned long long seq;
     unsigned gpu;
     unsigned long long xid;
+    unsigned gi; /* NVML_INVALID_INSTANCE_ID unless the event names a MIG device */
+    unsigned ci;
 } lab_xid;
 
 typedef struct {
@@ -222,12 +395,41 @@ struct lab_node;
 
 #define LAB_DEVICE_MAGIC 0x6c616264u /* "labd" */
 #define LAB_EVENTSET_MAGIC 0x6c616265u /* "labe" */
+#define LAB_GI_MAGIC 0x6c616267u /* "labg" */
+#define LAB_CI_MAGIC 0x6c616263u /* "labc" */
 
+/* A GPU handle (is_mig 0, one per host GPU index, in the node) or a MIG device handle (is_mig 1,
+ * allocated on first use per (GPU, GPU instance, compute instance), kept for the process). */
 struct lab_device {
     unsigned magic;
-    unsigned index;
+    unsigned index; /* host GPU index (the state file's) */
     struct lab_node *node;
+    int is_mig;
+    unsigned gi, ci;
+    struct lab_device *next_mig;
 };
+
+struct lab_gpu_instance {
+    unsigned magic;
+    struct lab_node *node;
+    unsigned gpu, gi;
+    struct lab_gpu_instance *next;
+};
+
+struct lab_compute_instance {
+    unsigned magic;
+    struct lab_node *node;
+    unsigned gpu, gi, ci;
+    struct lab_compute_instance *next;
+};
+
+/* What NVIDIA_VISIBLE_DEVICES leaves of a node's GPUs, as NVML inside the container sees them. */
+typedef struct {
+    unsigned count;                    /* visible GPUs */
+    unsigned host[LAB_MAX_GPUS];       /* container index -> host index, host (PCI) order */
+    int index_of[LAB_MAX_GPUS];        /* host index -> container index, -1 when hidden */
+    unsigned mig_mask[LAB_MAX_GPUS];   /* bit m: MIG device m (state order) visible */
+} lab_view;
 
 /* One simulated node = one state file path. Never freed: device handles point into it. */
 typedef struct lab_node {
@@ -235,6 +437,7 @@ typedef struct lab_node {
     char *path;
     int init_count;
     lab_state *state; /* last good parse, NULL before the first */
+    unsigned long state_gen; /* bumped whenever state is replaced */
     int have_key;
     dev_t key_dev;
     ino_t key_ino;
@@ -242,6 +445,12 @@ typedef struct lab_node {
     struct timespec key_mtime;
     struct timespec key_ctime;
     struct lab_device devices[LAB_MAX_GPUS];
+    struct lab_device *mig_devices;          /* MIG device handles handed out */
+    struct lab_gpu_instance *gpu_instances;  /* GPU instance handles handed out */
+    struct lab_compute_instance *compute_instances;
+    lab_view view;               /* valid while view_state_gen == state_gen && view_gen == lab_view_gen */
+    unsigned long view_state_gen;
+    unsigned long view_gen;
 } lab_node;
 
 struct lab_event_set {
@@ -254,6 +463,11 @@ struct lab_event_set {
 static pthread_mutex_t lab_lock = PTHREAD_MUTEX_INITIALIZER;
 static lab_node *lab_nodes;
 static char *lab_override_path;
+
+/* The process's container view, read from the environment at each nvmlInit (lab_read_env). */
+static int lab_env_init_error;   /* GPUNODE_LAB_NVML_INIT_ERROR; 0 = none */
+static char *lab_visible_spec;   /* NVIDIA_VISIBLE_DEVICES; NULL = unset or "all" */
+static unsigned long lab_view_gen = 1;
 
 static void lab_debug(const char *fmt, const char *arg1, const char *arg2)
 {
@@ -371,8 +585,96 @@ static const struct {
     LAB_F(cuda_cc_minor, FT_U32),
     LAB_F(lost, FT_U32),
     LAB_F(unsupported, FT_FEATURES),
+    LAB_F(power_limit_mw, FT_U32),
 #undef LAB_F
 };
+
+/* gpu.N.mig_profile.<profile index>=<name> <id> <slices> <instances> <sm> <ce> <dec> <enc> <jpeg>
+ * <ofa> <memory MiB> <placement size> */
+static int parse_mig_profile_line(lab_gpu *gpu, const char *key, const char *value)
+{
+    char *end;
+    unsigned long idx;
+    lab_mig_profile p;
+    char extra;
+    errno = 0;
+    idx = strtoul(key, &end, 10);
+    if (end == key || *end != '\0' || errno != 0 || idx >= NVML_GPU_INSTANCE_PROFILE_COUNT)
+        return -1;
+    memset(&p, 0, sizeof(p));
+    if (sscanf(value, "%31s %u %u %u %u %u %u %u %u %u %llu %u %c", p.name, &p.id, &p.slices,
+               &p.instances, &p.sm, &p.ce, &p.dec, &p.enc, &p.jpeg, &p.ofa, &p.memory_mb,
+               &p.placement_size, &extra) != 12)
+        return -1;
+    if (p.slices == 0 || p.placement_size == 0)
+        return -1;
+    p.present = 1;
+    gpu->mig_profiles[idx] = p;
+    return 0;
+}
+
+/* gpu.N.mig.<M>.<field>=<value>: profile, uuid, gi, ci, placement, memory_used */
+static int parse_mig_line(lab_gpu *gpu, const char *key, const char *value)
+{
+    char *end;
+    unsigned long idx;
+    lab_mig *m;
+    errno = 0;
+    idx = strtoul(key, &end, 10);
+    if (end == key || *end != '.' || errno != 0 || idx >= LAB_MAX_MIG)
+        return -1;
+    key = end + 1;
+    m = &gpu->migs[idx];
+    m->seen = 1;
+    if (strcmp(key, "profile") == 0)
+        return copy_str(m->profile, sizeof(m->profile), value);
+    if (strcmp(key, "uuid") == 0)
+        return copy_str(m->uuid, sizeof(m->uuid), value);
+    if (strcmp(key, "gi") == 0) {
+        m->have_gi = 1;
+        return parse_u32(value, &m->gi);
+    }
+    if (strcmp(key, "ci") == 0)
+        return parse_u32(value, &m->ci);
+    if (strcmp(key, "placement") == 0)
+        return parse_u32(value, &m->placement);
+    if (strcmp(key, "memory_used") == 0)
+        return parse_u64(value, &m->memory_used);
+    return 0; /* unknown MIG field: informational */
+}
+
+/* After the whole file: MIG devices 0..k-1 complete, profiles known, GPU instance ids unique. */
+static int check_migs(lab_gpu *gpu)
+{
+    unsigned m, k, count = 0;
+    while (count < LAB_MAX_MIG && gpu->migs[count].seen)
+        count++;
+    for (m = count; m < LAB_MAX_MIG; m++) {
+        if (gpu->migs[m].seen)
+            return -1; /* a gap in the MIG device indexes */
+    }
+    for (m = 0; m < count; m++) {
+        lab_mig *mig = &gpu->migs[m];
+        int found = 0;
+        if (mig->uuid[0] == '\0' || !mig->have_gi)
+            return -1;
+        for (k = 0; k < NVML_GPU_INSTANCE_PROFILE_COUNT; k++) {
+            if (gpu->mig_profiles[k].present && strcmp(gpu->mig_profiles[k].name, mig->profile) == 0) {
+                mig->profile_index = k;
+                found = 1;
+                break;
+            }
+        }
+        if (!found)
+            return -1;
+        for (k = 0; k < m; k++) {
+            if (gpu->migs[k].gi == mig->gi) /* one compute instance per GPU instance */
+                return -1;
+        }
+    }
+    gpu->mig_count = count;
+    return 0;
+}
 
 /* gpu.<index>.<field>=<value>; unknown fields are ignored (forward compatible). */
 static int parse_gpu_line(lab_state *st, const char *key, const char *value)
@@ -391,6 +693,10 @@ static int parse_gpu_line(lab_state *st, const char *key, const char *value)
     key = end + 1;
     gpu = &st->gpus[idx];
     gpu->seen = 1;
+    if (strncmp(key, "mig_profile.", 12) == 0)
+        return parse_mig_profile_line(gpu, key + 12, value);
+    if (strncmp(key, "mig.", 4) == 0)
+        return parse_mig_line(gpu, key + 4, value);
     for (i = 0; i < sizeof(lab_gpu_fields) / sizeof(lab_gpu_fields[0]); i++) {
         char *field;
         if (strcmp(lab_gpu_fields[i].name, key) != 0)
@@ -411,12 +717,15 @@ static int parse_gpu_line(lab_state *st, const char *key, const char *value)
     return 0;
 }
 
-/* xid=<seq> <gpu> <xid> */
+/* xid=<seq> <gpu> <xid> [<gpu instance id> <compute instance id>] */
 static int parse_xid_line(lab_state *st, const char *value)
 {
     lab_xid ev;
     char extra;
-    if (sscanf(value, "%llu %u %llu %c", &ev.seq, &ev.gpu, &ev.xid, &extra) != 3)
+    int n = sscanf(value, "%llu %u %llu %u %u %c", &ev.seq, &ev.gpu, &ev.xid, &ev.gi, &ev.ci, &extra);
+    if (n == 3)
+        ev.gi = ev.ci = NVML_INVALID_INSTANCE_ID;
+    else if (n != 5)
         return -1;
     if (st->xid_count == st->xid_capacity) {
         size_t cap = st->xid_capacity ? st->xid_capacity * 2 : 16;
@@ -515,6 +824,10 @@ static lab_state *parse_state(char *buf, const char *path)
             lab_debug("%s: %s", path, "a GPU below gpu_count has no uuid");
             goto fail;
         }
+        if (check_migs(&st->gpus[i]) != 0) {
+            lab_debug("%s: %s", path, "a GPU's MIG devices are incomplete, duplicated or of an unknown profile");
+            goto fail;
+        }
     }
     return st;
 fail:
@@ -600,6 +913,7 @@ static nvmlReturn_t lab_refresh(lab_node *n, int strict)
         return (!strict && n->state) ? NVML_SUCCESS : NVML_ERROR_LIBRARY_NOT_FOUND;
     free_state(n->state);
     n->state = fresh;
+    n->state_gen++;
     n->have_key = 1;
     n->key_dev = s.st_dev;
     n->key_ino = s.st_ino;
@@ -657,22 +971,292 @@ static nvmlReturn_t lab_system(lab_node **out)
     return NVML_SUCCESS;
 }
 
-/* The GPU behind a handle, on the handle's own node. Caller holds lab_lock. */
-static nvmlReturn_t lab_gpu_of(nvmlDevice_t device, const lab_gpu **out)
+/* ---- the container view (NVIDIA_VISIBLE_DEVICES) -------------------------------------- */
+
+/* Reads the process's environment; called by every nvmlInit under lab_lock. */
+static void lab_read_env(void)
 {
-    lab_node *n;
-    if (!device || device->magic != LAB_DEVICE_MAGIC)
-        return NVML_ERROR_INVALID_ARGUMENT;
-    n = device->node;
+    const char *err = getenv(LAB_ENV_INIT_ERROR);
+    const char *vis = getenv(LAB_ENV_VISIBLE);
+    char *spec = NULL;
+    int code = 0;
+
+    if (err && *err && parse_int(err, &code) != 0) {
+        lab_debug("%s=%s is not an integer: ignored", LAB_ENV_INIT_ERROR, err);
+        code = 0;
+    }
+    lab_env_init_error = code;
+    if (vis && strcmp(vis, "all") != 0) {
+        spec = strdup(vis);
+        if (!spec)
+            return; /* out of memory: keep the previous view */
+    }
+    if ((spec == NULL) != (lab_visible_spec == NULL) ||
+        (spec && strcmp(spec, lab_visible_spec) != 0)) {
+        free(lab_visible_spec);
+        lab_visible_spec = spec;
+        lab_view_gen++;
+    } else {
+        free(spec);
+    }
+}
+
+/* Does the GPU have MIG devices right now (MIG supported and enabled)? */
+static int lab_mig_on(const lab_gpu *g)
+{
+    return !(g->unsupported & F_MIG) && g->mig_current == NVML_DEVICE_MIG_ENABLE;
+}
+
+static int lab_all_digits(const char *p, size_t len)
+{
+    size_t i;
+    if (len == 0)
+        return 0;
+    for (i = 0; i < len; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return 0;
+    }
+    return 1;
+}
+
+/* One NVIDIA_VISIBLE_DEVICES entry: a host GPU index, GPU-<uuid>, MIG-<uuid>,
+ * MIG-GPU-<uuid>/<gi>/<ci> or <gpu index>:<MIG index>. Unknown entries are ignored. */
+static void lab_view_entry(const lab_state *st, const char *tok, size_t len, int *whole, unsigned *mig)
+{
+    char buf[160];
+    unsigned i, m;
+    if (len == 0 || len >= sizeof(buf))
+        return;
+    memcpy(buf, tok, len);
+    buf[len] = '\0';
+    if (lab_all_digits(buf, len)) {
+        unsigned long idx = strtoul(buf, NULL, 10);
+        if (idx < st->gpu_count)
+            whole[idx] = 1;
+        return;
+    }
+    if (strncmp(buf, "GPU-", 4) == 0) {
+        for (i = 0; i < st->gpu_count; i++) {
+            if (strcasecmp(st->gpus[i].uuid, buf) == 0)
+                whole[i] = 1;
+        }
+        return;
+    }
+    if (strncmp(buf, "MIG-GPU-", 8) == 0) { /* the pre-R470 MIG device name */
+        char *slash = strchr(buf, '/');
+        unsigned gi, ci;
+        char extra;
+        if (!slash || sscanf(slash, "/%u/%u%c", &gi, &ci, &extra) != 2)
+            return;
+        *slash = '\0';
+        for (i = 0; i < st->gpu_count; i++) {
+            if (strcasecmp(st->gpus[i].uuid, buf + 4) != 0)
+                continue;
+            for (m = 0; m < st->gpus[i].mig_count; m++) {
+                if (st->gpus[i].migs[m].gi == gi && st->gpus[i].migs[m].ci == ci)
+                    mig[i] |= 1u << m;
+            }
+        }
+        return;
+    }
+    if (strncmp(buf, "MIG-", 4) == 0) {
+        for (i = 0; i < st->gpu_count; i++) {
+            for (m = 0; m < st->gpus[i].mig_count; m++) {
+                if (strcasecmp(st->gpus[i].migs[m].uuid, buf) == 0)
+                    mig[i] |= 1u << m;
+            }
+        }
+        return;
+    }
+    {
+        char *colon = strchr(buf, ':');
+        if (colon && lab_all_digits(buf, (size_t)(colon - buf)) && lab_all_digits(colon + 1, strlen(colon + 1))) {
+            unsigned long gpu = strtoul(buf, NULL, 10), idx = strtoul(colon + 1, NULL, 10);
+            if (gpu < st->gpu_count && idx < st->gpus[gpu].mig_count)
+                mig[gpu] |= 1u << idx;
+        }
+    }
+}
+
+/* The node's GPUs as this process sees them. Caller holds lab_lock; n->state is set. */
+static const lab_view *lab_view_of(lab_node *n)
+{
+    const lab_state *st = n->state;
+    lab_view *v = &n->view;
+    int whole[LAB_MAX_GPUS];
+    unsigned mig[LAB_MAX_GPUS];
+    unsigned i;
+
+    if (n->view_state_gen == n->state_gen && n->view_gen == lab_view_gen)
+        return v;
+    memset(whole, 0, sizeof(whole));
+    memset(mig, 0, sizeof(mig));
+    if (!lab_visible_spec) {
+        for (i = 0; i < st->gpu_count; i++)
+            whole[i] = 1;
+    } else if (strcmp(lab_visible_spec, "none") != 0 && strcmp(lab_visible_spec, "void") != 0) {
+        const char *p = lab_visible_spec;
+        for (;;) {
+            const char *comma = strchr(p, ',');
+            const char *end = comma ? comma : p + strlen(p);
+            const char *b = p;
+            while (b < end && (*b == ' ' || *b == '\t'))
+                b++;
+            while (end > b && (end[-1] == ' ' || end[-1] == '\t'))
+                end--;
+            lab_view_entry(st, b, (size_t)(end - b), whole, mig);
+            if (!comma)
+                break;
+            p = comma + 1;
+        }
+    }
+    v->count = 0;
+    for (i = 0; i < LAB_MAX_GPUS; i++) {
+        v->index_of[i] = -1;
+        v->mig_mask[i] = 0;
+    }
+    for (i = 0; i < st->gpu_count; i++) {
+        if (!whole[i] && !mig[i])
+            continue;
+        v->index_of[i] = (int)v->count;
+        v->host[v->count++] = i;
+        v->mig_mask[i] = whole[i] ? (1u << LAB_MAX_MIG) - 1u : mig[i];
+    }
+    n->view_state_gen = n->state_gen;
+    n->view_gen = lab_view_gen;
+    return v;
+}
+
+static int lab_visible(lab_node *n, unsigned host)
+{
+    return host < LAB_MAX_GPUS && lab_view_of(n)->index_of[host] >= 0;
+}
+
+/* State index of the visible MIG device (gi, ci) on host GPU `host`, or -1. */
+static int lab_find_mig(lab_node *n, unsigned host, unsigned gi, unsigned ci)
+{
+    const lab_gpu *g = &n->state->gpus[host];
+    unsigned m, mask = lab_view_of(n)->mig_mask[host];
+    if (!lab_mig_on(g))
+        return -1;
+    for (m = 0; m < g->mig_count; m++) {
+        if ((mask & (1u << m)) && g->migs[m].gi == gi && g->migs[m].ci == ci)
+            return (int)m;
+    }
+    return -1;
+}
+
+/* State index of the index-th visible MIG device of host GPU `host` (the container renumbers
+ * them from 0 in state order), or -1. */
+static int lab_mig_by_index(lab_node *n, unsigned host, unsigned index)
+{
+    const lab_gpu *g = &n->state->gpus[host];
+    unsigned m, seen = 0, mask = lab_view_of(n)->mig_mask[host];
+    if (!lab_mig_on(g))
+        return -1;
+    for (m = 0; m < g->mig_count; m++) {
+        if (!(mask & (1u << m)))
+            continue;
+        if (seen++ == index)
+            return (int)m;
+    }
+    return -1;
+}
+
+/* The (stable) MIG device handle for (host GPU, gi, ci) of node n; NULL when out of memory. */
+static struct lab_device *lab_mig_handle(lab_node *n, unsigned host, unsigned gi, unsigned ci)
+{
+    struct lab_device *d;
+    for (d = n->mig_devices; d; d = d->next_mig) {
+        if (d->index == host && d->gi == gi && d->ci == ci)
+            return d;
+    }
+    d = calloc(1, sizeof(*d));
+    if (!d)
+        return NULL;
+    d->magic = LAB_DEVICE_MAGIC;
+    d->index = host;
+    d->node = n;
+    d->is_mig = 1;
+    d->gi = gi;
+    d->ci = ci;
+    d->next_mig = n->mig_devices;
+    n->mig_devices = d;
+    return d;
+}
+
+static struct lab_gpu_instance *lab_gi_handle(lab_node *n, unsigned host, unsigned gi)
+{
+    struct lab_gpu_instance *h;
+    for (h = n->gpu_instances; h; h = h->next) {
+        if (h->gpu == host && h->gi == gi)
+            return h;
+    }
+    h = calloc(1, sizeof(*h));
+    if (!h)
+        return NULL;
+    h->magic = LAB_GI_MAGIC;
+    h->node = n;
+    h->gpu = host;
+    h->gi = gi;
+    h->next = n->gpu_instances;
+    n->gpu_instances = h;
+    return h;
+}
+
+static struct lab_compute_instance *lab_ci_handle(lab_node *n, unsigned host, unsigned gi, unsigned ci)
+{
+    struct lab_compute_instance *h;
+    for (h = n->compute_instances; h; h = h->next) {
+        if (h->gpu == host && h->gi == gi && h->ci == ci)
+            return h;
+    }
+    h = calloc(1, sizeof(*h));
+    if (!h)
+        return NULL;
+    h->magic = LAB_CI_MAGIC;
+    h->node = n;
+    h->gpu = host;
+    h->gi = gi;
+    h->ci = ci;
+    h->next = n->compute_instances;
+    n->compute_instances = h;
+    return h;
+}
+
+/* Initialized, refreshed node `n` with host GPU `host` present, visible and not lost. */
+static nvmlReturn_t lab_host_gpu(lab_node *n, unsigned host, const lab_gpu **out)
+{
     if (n->init_count <= 0)
         return NVML_ERROR_UNINITIALIZED;
     lab_refresh(n, 0);
     if (!n->state)
         return NVML_ERROR_UNINITIALIZED;
-    /* a GPU that is gone from the state (fell off the bus) answers like a lost one */
-    if (device->index >= n->state->gpu_count || n->state->gpus[device->index].lost)
+    /* a GPU that is gone from the state (fell off the bus) or from the container's view answers
+     * like a lost one */
+    if (host >= n->state->gpu_count || !lab_visible(n, host) || n->state->gpus[host].lost)
         return NVML_ERROR_GPU_IS_LOST;
-    *out = &n->state->gpus[device->index];
+    *out = &n->state->gpus[host];
+    return NVML_SUCCESS;
+}
+
+/* The GPU behind a handle, on the handle's own node, and for a MIG device handle its MIG device
+ * (else *mig_out = NULL). Caller holds lab_lock. */
+static nvmlReturn_t lab_resolve(nvmlDevice_t device, const lab_gpu **out, const lab_mig **mig_out)
+{
+    nvmlReturn_t ret;
+    *mig_out = NULL;
+    if (!device || device->magic != LAB_DEVICE_MAGIC)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    ret = lab_host_gpu(device->node, device->index, out);
+    if (ret != NVML_SUCCESS || !device->is_mig)
+        return ret;
+    {
+        int m = lab_find_mig(device->node, device->index, device->gi, device->ci);
+        if (m < 0)
+            return NVML_ERROR_INVALID_ARGUMENT; /* its compute instance is gone */
+        *mig_out = &(*out)->migs[m];
+    }
     return NVML_SUCCESS;
 }
 
@@ -705,8 +1289,12 @@ LAB_EXPORT nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
     nvmlReturn_t ret;
     (void)flags;
     pthread_mutex_lock(&lab_lock);
+    lab_read_env();
     n = lab_current_node();
-    if (!n) {
+    if (lab_env_init_error != 0) {
+        /* the container's driver injection is broken: whatever the state file says */
+        ret = lab_env_init_error;
+    } else if (!n) {
         lab_debug("%s is not set (and no gpunodeLabSetStatePath)%s", LAB_ENV_STATE, "");
         ret = NVML_ERROR_LIBRARY_NOT_FOUND;
     } else {
@@ -805,14 +1393,19 @@ LAB_EXPORT nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int l
     return ret;
 }
 
+/* The library's own version: like real NVML this works before nvmlInit (nvidia-smi prints it
+ * when init fails with a driver/library mismatch), as long as the node's state was readable. */
 LAB_EXPORT nvmlReturn_t nvmlSystemGetNVMLVersion(char *version, unsigned int length)
 {
     lab_node *n;
-    nvmlReturn_t ret;
+    nvmlReturn_t ret = NVML_ERROR_UNINITIALIZED;
     pthread_mutex_lock(&lab_lock);
-    ret = lab_system(&n);
-    if (ret == NVML_SUCCESS)
-        ret = lab_copy_string(version, length, n->state->nvml_version);
+    n = lab_current_node();
+    if (n) {
+        lab_refresh(n, 0);
+        if (n->state)
+            ret = lab_copy_string(version, length, n->state->nvml_version);
+    }
     pthread_mutex_unlock(&lab_lock);
     return ret;
 }
@@ -840,6 +1433,7 @@ LAB_EXPORT nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *cudaDriverVersion
 
 /* ---- device discovery ----------------------------------------------------------------- */
 
+/* Counts only the GPUs of the container view; a lost GPU is still counted. */
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *deviceCount)
 {
     lab_node *n;
@@ -850,7 +1444,7 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *deviceCount)
         if (!deviceCount)
             ret = NVML_ERROR_INVALID_ARGUMENT;
         else
-            *deviceCount = n->state->gpu_count; /* a lost GPU is still counted */
+            *deviceCount = lab_view_of(n)->count;
     }
     pthread_mutex_unlock(&lab_lock);
     return ret;
@@ -861,6 +1455,7 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetCount(unsigned int *deviceCount)
     return nvmlDeviceGetCount_v2(deviceCount);
 }
 
+/* index: the container's (0..count-1, host order). */
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device)
 {
     lab_node *n;
@@ -868,12 +1463,13 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDe
     pthread_mutex_lock(&lab_lock);
     ret = lab_system(&n);
     if (ret == NVML_SUCCESS) {
-        if (!device || index >= n->state->gpu_count)
+        const lab_view *v = lab_view_of(n);
+        if (!device || index >= v->count)
             ret = NVML_ERROR_INVALID_ARGUMENT;
-        else if (n->state->gpus[index].lost)
+        else if (n->state->gpus[v->host[index]].lost)
             ret = NVML_ERROR_GPU_IS_LOST;
         else
-            *device = &n->devices[index];
+            *device = &n->devices[v->host[index]];
     }
     pthread_mutex_unlock(&lab_lock);
     return ret;
@@ -884,22 +1480,40 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int index, nvmlDevic
     return nvmlDeviceGetHandleByIndex_v2(index, device);
 }
 
+/* A GPU UUID gives the GPU's handle, a MIG-<uuid> the MIG device's; only visible ones are found. */
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device)
 {
     lab_node *n;
     nvmlReturn_t ret;
-    unsigned i;
+    unsigned i, m;
     pthread_mutex_lock(&lab_lock);
     ret = lab_system(&n);
     if (ret == NVML_SUCCESS) {
+        const lab_state *st = n->state;
         ret = (!uuid || !device) ? NVML_ERROR_INVALID_ARGUMENT : NVML_ERROR_NOT_FOUND;
-        for (i = 0; uuid && device && i < n->state->gpu_count; i++) {
-            if (strcmp(n->state->gpus[i].uuid, uuid) == 0) {
-                if (n->state->gpus[i].lost) {
+        for (i = 0; ret == NVML_ERROR_NOT_FOUND && i < st->gpu_count; i++) {
+            const lab_gpu *g = &st->gpus[i];
+            if (!lab_visible(n, i))
+                continue;
+            if (strcmp(g->uuid, uuid) == 0) {
+                if (g->lost) {
                     ret = NVML_ERROR_GPU_IS_LOST;
                 } else {
                     *device = &n->devices[i];
                     ret = NVML_SUCCESS;
+                }
+                break;
+            }
+            for (m = 0; m < g->mig_count; m++) {
+                if (strcmp(g->migs[m].uuid, uuid) != 0 || lab_find_mig(n, i, g->migs[m].gi, g->migs[m].ci) < 0)
+                    continue;
+                if (g->lost) {
+                    ret = NVML_ERROR_GPU_IS_LOST;
+                } else {
+                    struct lab_device *d = lab_mig_handle(n, i, g->migs[m].gi, g->migs[m].ci);
+                    ret = d ? NVML_SUCCESS : NVML_ERROR_MEMORY;
+                    if (d)
+                        *device = d;
                 }
                 break;
             }
@@ -930,7 +1544,7 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *pciBusId, n
     if (ret == NVML_SUCCESS) {
         ret = (!pciBusId || !device) ? NVML_ERROR_INVALID_ARGUMENT : NVML_ERROR_NOT_FOUND;
         for (i = 0; pciBusId && device && i < n->state->gpu_count; i++) {
-            if (lab_same_bus_id(pciBusId, n->state->gpus[i].pci_bus_id)) {
+            if (lab_visible(n, i) && lab_same_bus_id(pciBusId, n->state->gpus[i].pci_bus_id)) {
                 if (n->state->gpus[i].lost) {
                     ret = NVML_ERROR_GPU_IS_LOST;
                 } else {
@@ -950,44 +1564,79 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId(const char *pciBusId, nvml
     return nvmlDeviceGetHandleByPciBusId_v2(pciBusId, device);
 }
 
+/* Lab extension (not NVML): the PCI bus id of the GPU at container index `index`, also when that
+ * GPU is lost -- what real nvidia-smi learns through the driver to name a GPU it has no handle
+ * for ("Unable to determine the device handle for GPU<bus id>: GPU is lost..."). */
+LAB_EXPORT int gpunodeLabGetPciBusIdByIndex(unsigned int index, char *busId, unsigned int length)
+{
+    lab_node *n;
+    nvmlReturn_t ret;
+    pthread_mutex_lock(&lab_lock);
+    ret = lab_system(&n);
+    if (ret == NVML_SUCCESS) {
+        const lab_view *v = lab_view_of(n);
+        if (index >= v->count)
+            ret = NVML_ERROR_INVALID_ARGUMENT;
+        else
+            ret = lab_copy_string(busId, length, n->state->gpus[v->host[index]].pci_bus_id);
+    }
+    pthread_mutex_unlock(&lab_lock);
+    return ret;
+}
+
 /* ---- per-device queries --------------------------------------------------------------- */
 
-/* Opens a per-device query: lock, resolve the handle, check the feature; `g` is valid until
- * LAB_DEVICE_END. Every per-device call answers GPU_IS_LOST for a lost GPU. */
-#define LAB_DEVICE_BEGIN(device, feature)                                                      \
+/* Opens a per-device query: lock, resolve the handle, check the feature; `g` (the GPU, for a MIG
+ * device handle its parent) and `mig` (the MIG device, or NULL) are valid until LAB_DEVICE_END.
+ * Every per-device call answers GPU_IS_LOST for a lost GPU. LAB_DEVICE_BEGIN answers
+ * NOT_SUPPORTED for a MIG device handle; LAB_ANY_DEVICE_BEGIN lets the query handle it. */
+#define LAB_DEVICE_OPEN(device, feature, allow_mig)                                            \
     const lab_gpu *g = NULL;                                                               \
+    const lab_mig *mig = NULL;                                                             \
     nvmlReturn_t ret;                                                                      \
     pthread_mutex_lock(&lab_lock);                                                         \
-    ret = lab_gpu_of((device), &g);                                                        \
+    ret = lab_resolve((device), &g, &mig);                                                 \
+    if (ret == NVML_SUCCESS && mig && !(allow_mig))                                        \
+        ret = NVML_ERROR_NOT_SUPPORTED;                                                    \
     if (ret == NVML_SUCCESS && (g->unsupported & (feature)))                              \
         ret = NVML_ERROR_NOT_SUPPORTED;                                                    \
     if (ret == NVML_SUCCESS) {
+#define LAB_DEVICE_BEGIN(device, feature) LAB_DEVICE_OPEN(device, feature, 0) (void)mig;
+#define LAB_ANY_DEVICE_BEGIN(device, feature) LAB_DEVICE_OPEN(device, feature, 1)
 #define LAB_DEVICE_END                                                                         \
     }                                                                                      \
     pthread_mutex_unlock(&lab_lock);                                                       \
     return ret;
 
+/* The container's index (0..count-1), not the host's. */
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index)
 {
     LAB_DEVICE_BEGIN(device, 0)
     if (!index)
         ret = NVML_ERROR_INVALID_ARGUMENT;
     else
-        *index = device->index;
+        *index = (unsigned)lab_view_of(device->node)->index_of[device->index];
     LAB_DEVICE_END
 }
 
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length)
 {
-    LAB_DEVICE_BEGIN(device, 0)
-    ret = lab_copy_string(uuid, length, g->uuid);
+    LAB_ANY_DEVICE_BEGIN(device, 0)
+    ret = lab_copy_string(uuid, length, mig ? mig->uuid : g->uuid);
     LAB_DEVICE_END
 }
 
+/* A MIG device is named after its parent and profile: "NVIDIA A100-SXM4-80GB MIG 1g.10gb". */
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length)
 {
-    LAB_DEVICE_BEGIN(device, 0)
-    ret = lab_copy_string(name, length, g->name);
+    LAB_ANY_DEVICE_BEGIN(device, 0)
+    if (mig) {
+        char full[sizeof(g->name) + sizeof(mig->profile) + 8];
+        snprintf(full, sizeof(full), "%s MIG %s", g->name, mig->profile);
+        ret = lab_copy_string(name, length, full);
+    } else {
+        ret = lab_copy_string(name, length, g->name);
+    }
     LAB_DEVICE_END
 }
 
@@ -1034,11 +1683,22 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetPciInfo(nvmlDevice_t device, nvmlPciInfo_t 
     return nvmlDeviceGetPciInfo_v3(device, pci);
 }
 
+/* A MIG device's own memory: its profile's size, gpu.N.mig.M.memory_used of it in use. */
+static void lab_mig_memory(const lab_gpu *g, const lab_mig *mig, unsigned long long *total,
+                           unsigned long long *used, unsigned long long *free_bytes)
+{
+    *total = g->mig_profiles[mig->profile_index].memory_mb * 1024ull * 1024ull;
+    *used = mig->memory_used < *total ? mig->memory_used : *total;
+    *free_bytes = *total - *used;
+}
+
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
 {
-    LAB_DEVICE_BEGIN(device, F_MEMORY)
+    LAB_ANY_DEVICE_BEGIN(device, F_MEMORY)
     if (!memory) {
         ret = NVML_ERROR_INVALID_ARGUMENT;
+    } else if (mig) {
+        lab_mig_memory(g, mig, &memory->total, &memory->used, &memory->free);
     } else {
         memory->total = g->memory_total;
         memory->free = g->memory_free;
@@ -1050,11 +1710,14 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_
 /* v2 reports reserved memory separately; `used` then excludes it. */
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory)
 {
-    LAB_DEVICE_BEGIN(device, F_MEMORY)
+    LAB_ANY_DEVICE_BEGIN(device, F_MEMORY)
     if (!memory) {
         ret = NVML_ERROR_INVALID_ARGUMENT;
     } else if (memory->version != NVML_MEMORY_V2_VERSION) {
         ret = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    } else if (mig) {
+        memory->reserved = 0;
+        lab_mig_memory(g, mig, &memory->total, &memory->used, &memory->free);
     } else {
         memory->total = g->memory_total;
         memory->reserved = g->memory_reserved;
@@ -1219,6 +1882,24 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned in
     LAB_DEVICE_END
 }
 
+/* gpu.N.power_limit_mw; NOT_SUPPORTED when the state has none (0). */
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *limit)
+{
+    LAB_DEVICE_BEGIN(device, F_POWER)
+    if (!limit)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else if (g->power_limit_mw == 0)
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    else
+        *limit = g->power_limit_mw;
+    LAB_DEVICE_END
+}
+
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetPowerManagementLimit(nvmlDevice_t device, unsigned int *limit)
+{
+    return nvmlDeviceGetEnforcedPowerLimit(device, limit);
+}
+
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int *minorNumber)
 {
     LAB_DEVICE_BEGIN(device, F_MINOR)
@@ -1231,7 +1912,7 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned i
 
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetArchitecture(nvmlDevice_t device, unsigned int *arch)
 {
-    LAB_DEVICE_BEGIN(device, 0)
+    LAB_ANY_DEVICE_BEGIN(device, 0)
     if (!arch)
         ret = NVML_ERROR_INVALID_ARGUMENT;
     else
@@ -1241,7 +1922,7 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetArchitecture(nvmlDevice_t device, unsigned 
 
 LAB_EXPORT nvmlReturn_t nvmlDeviceGetCudaComputeCapability(nvmlDevice_t device, int *major, int *minor)
 {
-    LAB_DEVICE_BEGIN(device, F_CUDA_CC)
+    LAB_ANY_DEVICE_BEGIN(device, F_CUDA_CC)
     if (!major || !minor) {
         ret = NVML_ERROR_INVALID_ARGUMENT;
     } else {
@@ -1249,6 +1930,513 @@ LAB_EXPORT nvmlReturn_t nvmlDeviceGetCudaComputeCapability(nvmlDevice_t device, 
         *minor = (int)g->cuda_cc_minor;
     }
     LAB_DEVICE_END
+}
+
+/* ---- topology (what NVIDIA's go-gpuallocator asks for GetPreferredAllocation) ---------- */
+
+#define NVML_TOPOLOGY_MULTIPLE 20u
+#define NVML_TOPOLOGY_NODE 40u
+#define NVML_TOPOLOGY_SYSTEM 50u
+
+/* A DGX-like layout by host index: GPU pairs (0-1, 2-3, ...) behind one PCIe switch tree,
+ * each half of eight on one CPU socket. */
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetTopologyCommonAncestor(nvmlDevice_t device1, nvmlDevice_t device2,
+                                                            unsigned int *pathInfo)
+{
+    const lab_gpu *g1 = NULL, *g2 = NULL;
+    const lab_mig *m1 = NULL, *m2 = NULL;
+    nvmlReturn_t ret;
+    pthread_mutex_lock(&lab_lock);
+    ret = lab_resolve(device1, &g1, &m1);
+    if (ret == NVML_SUCCESS)
+        ret = lab_resolve(device2, &g2, &m2);
+    if (ret == NVML_SUCCESS && (m1 || m2))
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    else if (ret == NVML_SUCCESS && (!pathInfo || device1->node != device2->node || device1 == device2))
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else if (ret == NVML_SUCCESS)
+        *pathInfo = device1->index / 2 == device2->index / 2   ? NVML_TOPOLOGY_MULTIPLE
+                    : device1->index / 4 == device2->index / 4 ? NVML_TOPOLOGY_NODE
+                                                               : NVML_TOPOLOGY_SYSTEM;
+    pthread_mutex_unlock(&lab_lock);
+    return ret;
+}
+
+/* NVLinks are not modelled: every link answers NOT_SUPPORTED (NVIDIA's allocator skips them). */
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t device, unsigned int link, unsigned int *isActive)
+{
+    LAB_DEVICE_BEGIN(device, 0)
+    (void)link;
+    ret = isActive ? NVML_ERROR_NOT_SUPPORTED : NVML_ERROR_INVALID_ARGUMENT;
+    LAB_DEVICE_END
+}
+
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetNvLinkRemotePciInfo_v2(nvmlDevice_t device, unsigned int link, nvmlPciInfo_t *pci)
+{
+    LAB_DEVICE_BEGIN(device, 0)
+    (void)link;
+    ret = pci ? NVML_ERROR_NOT_SUPPORTED : NVML_ERROR_INVALID_ARGUMENT;
+    LAB_DEVICE_END
+}
+
+/* ---- MIG ------------------------------------------------------------------------------ */
+
+/* Compute slices of each NVML_COMPUTE_INSTANCE_PROFILE_* index. */
+static const unsigned lab_ci_slices[NVML_COMPUTE_INSTANCE_PROFILE_COUNT] = {1, 2, 3, 4, 7, 8, 6, 1};
+
+/* The compute instance profile index of a compute instance spanning `slices` slices. */
+static unsigned lab_ci_profile_for(unsigned slices)
+{
+    unsigned j;
+    for (j = 0; j < 7; j++) { /* not 1_SLICE_REV1 */
+        if (lab_ci_slices[j] == slices)
+            return j;
+    }
+    return 0;
+}
+
+LAB_EXPORT nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t device, unsigned int *isMigDevice)
+{
+    LAB_ANY_DEVICE_BEGIN(device, 0)
+    if (!isMigDevice)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        *isMigDevice = mig ? 1u : 0u;
+    LAB_DEVICE_END
+}
+
+/* 7 while MIG is enabled, 0 when it is disabled or not supported (as nvml.h says). */
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t device, unsigned int *count)
+{
+    LAB_DEVICE_BEGIN(device, 0)
+    if (!count)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        *count = lab_mig_on(g) ? LAB_MAX_MIG : 0u;
+    LAB_DEVICE_END
+}
+
+/* index: among the MIG devices this process sees, in state order (GPU instance id order). */
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned int index,
+                                                            nvmlDevice_t *migDevice)
+{
+    LAB_DEVICE_BEGIN(device, F_MIG)
+    int m;
+    if (!migDevice || index >= LAB_MAX_MIG) {
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    } else if (!lab_mig_on(g)) {
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    } else if ((m = lab_mig_by_index(device->node, device->index, index)) < 0) {
+        ret = NVML_ERROR_NOT_FOUND;
+    } else {
+        struct lab_device *d = lab_mig_handle(device->node, device->index, g->migs[m].gi, g->migs[m].ci);
+        if (!d)
+            ret = NVML_ERROR_MEMORY;
+        else
+            *migDevice = d;
+    }
+    LAB_DEVICE_END
+}
+
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t migDevice, nvmlDevice_t *device)
+{
+    LAB_ANY_DEVICE_BEGIN(migDevice, 0)
+    if (!device || !mig)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        *device = &migDevice->node->devices[migDevice->index];
+    LAB_DEVICE_END
+}
+
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t device, unsigned int *id)
+{
+    LAB_ANY_DEVICE_BEGIN(device, 0)
+    if (!id || !mig)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        *id = mig->gi;
+    LAB_DEVICE_END
+}
+
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t device, unsigned int *id)
+{
+    LAB_ANY_DEVICE_BEGIN(device, 0)
+    if (!id || !mig)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        *id = mig->ci;
+    LAB_DEVICE_END
+}
+
+/* MIG device handles only (as nvml.h says); a GPU handle answers NOT_SUPPORTED. */
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t device, nvmlDeviceAttributes_t *attributes)
+{
+    LAB_ANY_DEVICE_BEGIN(device, 0)
+    if (!attributes) {
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    } else if (!mig) {
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    } else {
+        const lab_mig_profile *p = &g->mig_profiles[mig->profile_index];
+        attributes->multiprocessorCount = p->sm;
+        attributes->sharedCopyEngineCount = p->ce;
+        attributes->sharedDecoderCount = p->dec;
+        attributes->sharedEncoderCount = p->enc;
+        attributes->sharedJpegCount = p->jpeg;
+        attributes->sharedOfaCount = p->ofa;
+        attributes->gpuInstanceSliceCount = p->slices;
+        attributes->computeInstanceSliceCount = p->slices;
+        attributes->memorySizeMB = p->memory_mb;
+    }
+    LAB_DEVICE_END
+}
+
+/* The GPU instance profile at NVML profile index `profile`; NOT_SUPPORTED while MIG is disabled
+ * or for a profile this GPU lacks, INVALID_ARGUMENT past the last profile index. */
+static nvmlReturn_t lab_gi_profile(const lab_gpu *g, unsigned profile, const lab_mig_profile **out)
+{
+    if (profile >= NVML_GPU_INSTANCE_PROFILE_COUNT)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (!lab_mig_on(g) || !g->mig_profiles[profile].present)
+        return NVML_ERROR_NOT_SUPPORTED;
+    *out = &g->mig_profiles[profile];
+    return NVML_SUCCESS;
+}
+
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetGpuInstanceProfileInfo(nvmlDevice_t device, unsigned int profile,
+                                                            nvmlGpuInstanceProfileInfo_t *info)
+{
+    LAB_DEVICE_BEGIN(device, F_MIG)
+    const lab_mig_profile *p = NULL;
+    if (!info)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        ret = lab_gi_profile(g, profile, &p);
+    if (ret == NVML_SUCCESS) {
+        memset(info, 0, sizeof(*info));
+        info->id = p->id;
+        info->isP2pSupported = 0;
+        info->sliceCount = p->slices;
+        info->instanceCount = p->instances;
+        info->multiprocessorCount = p->sm;
+        info->copyEngineCount = p->ce;
+        info->decoderCount = p->dec;
+        info->encoderCount = p->enc;
+        info->jpegCount = p->jpeg;
+        info->ofaCount = p->ofa;
+        info->memorySizeMB = p->memory_mb;
+    }
+    LAB_DEVICE_END
+}
+
+/* Versioned form: nvmlGpuInstanceProfileInfo_v2 or _v3 (what pynvml calls by default). */
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetGpuInstanceProfileInfoV(nvmlDevice_t device, unsigned int profile, void *info)
+{
+    LAB_DEVICE_BEGIN(device, F_MIG)
+    const lab_mig_profile *p = NULL;
+    unsigned version = info ? *(const unsigned *)info : 0;
+    if (!info)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else if (version != LAB_STRUCT_VERSION(nvmlGpuInstanceProfileInfo_v2_t, 2) &&
+             version != LAB_STRUCT_VERSION(nvmlGpuInstanceProfileInfo_v3_t, 3))
+        ret = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    else
+        ret = lab_gi_profile(g, profile, &p);
+    if (ret == NVML_SUCCESS && version == LAB_STRUCT_VERSION(nvmlGpuInstanceProfileInfo_v2_t, 2)) {
+        nvmlGpuInstanceProfileInfo_v2_t *v2 = info;
+        memset(v2, 0, sizeof(*v2));
+        v2->version = version;
+        v2->id = p->id;
+        v2->sliceCount = p->slices;
+        v2->instanceCount = p->instances;
+        v2->multiprocessorCount = p->sm;
+        v2->copyEngineCount = p->ce;
+        v2->decoderCount = p->dec;
+        v2->encoderCount = p->enc;
+        v2->jpegCount = p->jpeg;
+        v2->ofaCount = p->ofa;
+        v2->memorySizeMB = p->memory_mb;
+        snprintf(v2->name, sizeof(v2->name), "MIG %s", p->name);
+    } else if (ret == NVML_SUCCESS) {
+        nvmlGpuInstanceProfileInfo_v3_t *v3 = info;
+        memset(v3, 0, sizeof(*v3));
+        v3->version = version;
+        v3->id = p->id;
+        v3->sliceCount = p->slices;
+        v3->instanceCount = p->instances;
+        v3->multiprocessorCount = p->sm;
+        v3->copyEngineCount = p->ce;
+        v3->decoderCount = p->dec;
+        v3->encoderCount = p->enc;
+        v3->jpegCount = p->jpeg;
+        v3->ofaCount = p->ofa;
+        v3->memorySizeMB = p->memory_mb;
+        snprintf(v3->name, sizeof(v3->name), "MIG %s", p->name);
+    }
+    LAB_DEVICE_END
+}
+
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetGpuInstanceById(nvmlDevice_t device, unsigned int id,
+                                                     nvmlGpuInstance_t *gpuInstance)
+{
+    LAB_DEVICE_BEGIN(device, F_MIG)
+    unsigned m;
+    if (!gpuInstance) {
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    } else if (!lab_mig_on(g)) {
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    } else {
+        ret = NVML_ERROR_NOT_FOUND;
+        for (m = 0; m < g->mig_count; m++) {
+            if (g->migs[m].gi == id && lab_find_mig(device->node, device->index, id, g->migs[m].ci) >= 0) {
+                struct lab_gpu_instance *h = lab_gi_handle(device->node, device->index, id);
+                ret = h ? NVML_SUCCESS : NVML_ERROR_MEMORY;
+                if (h)
+                    *gpuInstance = h;
+                break;
+            }
+        }
+    }
+    LAB_DEVICE_END
+}
+
+/* The GPU instances of NVML profile id `profileId` (e.g. 19), in GPU instance id order. */
+LAB_EXPORT nvmlReturn_t nvmlDeviceGetGpuInstances(nvmlDevice_t device, unsigned int profileId,
+                                                  nvmlGpuInstance_t *gpuInstances, unsigned int *count)
+{
+    LAB_DEVICE_BEGIN(device, F_MIG)
+    unsigned m, found = 0;
+    if (!count) {
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    } else if (!lab_mig_on(g)) {
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    } else {
+        for (m = 0; m < g->mig_count && ret == NVML_SUCCESS; m++) {
+            const lab_mig *x = &g->migs[m];
+            if (g->mig_profiles[x->profile_index].id != profileId ||
+                lab_find_mig(device->node, device->index, x->gi, x->ci) < 0)
+                continue;
+            if (gpuInstances) {
+                struct lab_gpu_instance *h = lab_gi_handle(device->node, device->index, x->gi);
+                if (!h)
+                    ret = NVML_ERROR_MEMORY;
+                else
+                    gpuInstances[found] = h;
+            }
+            found++;
+        }
+        *count = found;
+    }
+    LAB_DEVICE_END
+}
+
+/* The GPU and MIG device behind a GPU instance handle. Caller holds lab_lock. */
+static nvmlReturn_t lab_gi_resolve(nvmlGpuInstance_t gi, const lab_gpu **g, const lab_mig **mig)
+{
+    nvmlReturn_t ret;
+    unsigned m;
+    if (!gi || gi->magic != LAB_GI_MAGIC)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    ret = lab_host_gpu(gi->node, gi->gpu, g);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    for (m = 0; m < (*g)->mig_count; m++) {
+        if ((*g)->migs[m].gi == gi->gi && lab_find_mig(gi->node, gi->gpu, gi->gi, (*g)->migs[m].ci) >= 0) {
+            *mig = &(*g)->migs[m];
+            return NVML_SUCCESS;
+        }
+    }
+    return NVML_ERROR_INVALID_ARGUMENT; /* destroyed */
+}
+
+LAB_EXPORT nvmlReturn_t nvmlGpuInstanceGetInfo(nvmlGpuInstance_t gpuInstance, nvmlGpuInstanceInfo_t *info)
+{
+    const lab_gpu *g = NULL;
+    const lab_mig *mig = NULL;
+    nvmlReturn_t ret;
+    pthread_mutex_lock(&lab_lock);
+    ret = info ? lab_gi_resolve(gpuInstance, &g, &mig) : NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS) {
+        const lab_mig_profile *p = &g->mig_profiles[mig->profile_index];
+        memset(info, 0, sizeof(*info));
+        info->device = &gpuInstance->node->devices[gpuInstance->gpu];
+        info->id = mig->gi;
+        info->profileId = p->id;
+        info->placement.start = mig->placement;
+        info->placement.size = p->placement_size;
+    }
+    pthread_mutex_unlock(&lab_lock);
+    return ret;
+}
+
+/* Compute instance profiles of a GPU instance with `g_slices` slices: 1, 2, 3, 4 or 7 slices,
+ * no more than the GPU instance has and, below that, at most about half of it (what A100/H100
+ * offer: 1c/2c/3c/4c/7c on 7g, 1c/2c/4c on 4g, 1c/2c/3c on 3g, 1c/2c on 2g, 1c on 1g). */
+static nvmlReturn_t lab_ci_profile(const lab_mig_profile *gp, unsigned profile, unsigned engProfile,
+                                   nvmlComputeInstanceProfileInfo_t *out, char *name, size_t name_size)
+{
+    unsigned c, gs = gp->slices;
+    if (profile >= NVML_COMPUTE_INSTANCE_PROFILE_COUNT || engProfile >= NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_COUNT)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    c = lab_ci_slices[profile];
+    if (profile > 4 || c > gs || (c < gs && c * 2 > gs + 1))
+        return NVML_ERROR_NOT_SUPPORTED;
+    memset(out, 0, sizeof(*out));
+    out->id = profile;
+    out->sliceCount = c;
+    out->instanceCount = gs / c;
+    out->multiprocessorCount = c == gs ? gp->sm : c * (gp->sm / gs);
+    out->sharedCopyEngineCount = gp->ce;
+    out->sharedDecoderCount = gp->dec;
+    out->sharedEncoderCount = gp->enc;
+    out->sharedJpegCount = gp->jpeg;
+    out->sharedOfaCount = gp->ofa;
+    if (c == gs)
+        snprintf(name, name_size, "MIG %s", gp->name);
+    else
+        snprintf(name, name_size, "MIG %uc.%s", c, gp->name);
+    return NVML_SUCCESS;
+}
+
+LAB_EXPORT nvmlReturn_t nvmlGpuInstanceGetComputeInstanceProfileInfo(nvmlGpuInstance_t gpuInstance, unsigned int profile,
+                                                                     unsigned int engProfile,
+                                                                     nvmlComputeInstanceProfileInfo_t *info)
+{
+    const lab_gpu *g = NULL;
+    const lab_mig *mig = NULL;
+    char name[NVML_DEVICE_NAME_V2_BUFFER_SIZE];
+    nvmlReturn_t ret;
+    pthread_mutex_lock(&lab_lock);
+    ret = info ? lab_gi_resolve(gpuInstance, &g, &mig) : NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS)
+        ret = lab_ci_profile(&g->mig_profiles[mig->profile_index], profile, engProfile, info, name, sizeof(name));
+    pthread_mutex_unlock(&lab_lock);
+    return ret;
+}
+
+LAB_EXPORT nvmlReturn_t nvmlGpuInstanceGetComputeInstanceProfileInfoV(nvmlGpuInstance_t gpuInstance, unsigned int profile,
+                                                                      unsigned int engProfile, void *info)
+{
+    const lab_gpu *g = NULL;
+    const lab_mig *mig = NULL;
+    nvmlComputeInstanceProfileInfo_t v1;
+    char name[NVML_DEVICE_NAME_V2_BUFFER_SIZE];
+    unsigned version = info ? *(const unsigned *)info : 0;
+    nvmlReturn_t ret;
+    pthread_mutex_lock(&lab_lock);
+    if (!info)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else if (version != LAB_STRUCT_VERSION(nvmlComputeInstanceProfileInfo_v2_t, 2) &&
+             version != LAB_STRUCT_VERSION(nvmlComputeInstanceProfileInfo_v3_t, 3))
+        ret = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    else
+        ret = lab_gi_resolve(gpuInstance, &g, &mig);
+    if (ret == NVML_SUCCESS)
+        ret = lab_ci_profile(&g->mig_profiles[mig->profile_index], profile, engProfile, &v1, name, sizeof(name));
+    if (ret == NVML_SUCCESS) {
+        /* v2 and v3 share their first fields; v3 adds capabilities (0) at the end */
+        nvmlComputeInstanceProfileInfo_v3_t out;
+        memset(&out, 0, sizeof(out));
+        out.version = version;
+        out.id = v1.id;
+        out.sliceCount = v1.sliceCount;
+        out.instanceCount = v1.instanceCount;
+        out.multiprocessorCount = v1.multiprocessorCount;
+        out.sharedCopyEngineCount = v1.sharedCopyEngineCount;
+        out.sharedDecoderCount = v1.sharedDecoderCount;
+        out.sharedEncoderCount = v1.sharedEncoderCount;
+        out.sharedJpegCount = v1.sharedJpegCount;
+        out.sharedOfaCount = v1.sharedOfaCount;
+        memcpy(out.name, name, sizeof(out.name));
+        memcpy(info, &out, version == LAB_STRUCT_VERSION(nvmlComputeInstanceProfileInfo_v3_t, 3)
+                               ? sizeof(nvmlComputeInstanceProfileInfo_v3_t)
+                               : sizeof(nvmlComputeInstanceProfileInfo_v2_t));
+    }
+    pthread_mutex_unlock(&lab_lock);
+    return ret;
+}
+
+LAB_EXPORT nvmlReturn_t nvmlGpuInstanceGetComputeInstanceById(nvmlGpuInstance_t gpuInstance, unsigned int id,
+                                                              nvmlComputeInstance_t *computeInstance)
+{
+    const lab_gpu *g = NULL;
+    const lab_mig *mig = NULL;
+    nvmlReturn_t ret;
+    pthread_mutex_lock(&lab_lock);
+    ret = computeInstance ? lab_gi_resolve(gpuInstance, &g, &mig) : NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS) {
+        if (mig->ci != id) {
+            ret = NVML_ERROR_NOT_FOUND;
+        } else {
+            struct lab_compute_instance *h = lab_ci_handle(gpuInstance->node, gpuInstance->gpu, mig->gi, mig->ci);
+            ret = h ? NVML_SUCCESS : NVML_ERROR_MEMORY;
+            if (h)
+                *computeInstance = h;
+        }
+    }
+    pthread_mutex_unlock(&lab_lock);
+    return ret;
+}
+
+/* The compute instances of compute instance profile `profileId` in a GPU instance. */
+LAB_EXPORT nvmlReturn_t nvmlGpuInstanceGetComputeInstances(nvmlGpuInstance_t gpuInstance, unsigned int profileId,
+                                                           nvmlComputeInstance_t *computeInstances,
+                                                           unsigned int *count)
+{
+    const lab_gpu *g = NULL;
+    const lab_mig *mig = NULL;
+    nvmlReturn_t ret;
+    pthread_mutex_lock(&lab_lock);
+    ret = count ? lab_gi_resolve(gpuInstance, &g, &mig) : NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS) {
+        *count = 0;
+        if (lab_ci_profile_for(g->mig_profiles[mig->profile_index].slices) == profileId) {
+            if (computeInstances) {
+                struct lab_compute_instance *h = lab_ci_handle(gpuInstance->node, gpuInstance->gpu, mig->gi, mig->ci);
+                if (!h)
+                    ret = NVML_ERROR_MEMORY;
+                else
+                    computeInstances[0] = h;
+            }
+            if (ret == NVML_SUCCESS)
+                *count = 1;
+        }
+    }
+    pthread_mutex_unlock(&lab_lock);
+    return ret;
+}
+
+LAB_EXPORT nvmlReturn_t nvmlComputeInstanceGetInfo_v2(nvmlComputeInstance_t computeInstance,
+                                                      nvmlComputeInstanceInfo_t *info)
+{
+    const lab_gpu *g = NULL;
+    nvmlReturn_t ret;
+    int m = -1;
+    pthread_mutex_lock(&lab_lock);
+    if (!info || !computeInstance || computeInstance->magic != LAB_CI_MAGIC)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        ret = lab_host_gpu(computeInstance->node, computeInstance->gpu, &g);
+    if (ret == NVML_SUCCESS &&
+        (m = lab_find_mig(computeInstance->node, computeInstance->gpu, computeInstance->gi, computeInstance->ci)) < 0)
+        ret = NVML_ERROR_INVALID_ARGUMENT; /* destroyed */
+    if (ret == NVML_SUCCESS) {
+        const lab_mig_profile *p = &g->mig_profiles[g->migs[m].profile_index];
+        struct lab_gpu_instance *gi = lab_gi_handle(computeInstance->node, computeInstance->gpu, computeInstance->gi);
+        if (!gi) {
+            ret = NVML_ERROR_MEMORY;
+        } else {
+            memset(info, 0, sizeof(*info));
+            info->device = &computeInstance->node->devices[computeInstance->gpu];
+            info->gpuInstance = gi;
+            info->id = computeInstance->ci;
+            info->profileId = lab_ci_profile_for(p->slices);
+            info->placement.start = 0;
+            info->placement.size = p->slices;
+        }
+    }
+    pthread_mutex_unlock(&lab_lock);
+    return ret;
 }
 
 /* ---- events --------------------------------------------------------------------------- */
@@ -1332,7 +2520,7 @@ static int lab_next_xid(struct lab_event_set *set, nvmlEventData_t *data)
         return 0;
     for (i = 0; i < st->xid_count; i++) {
         const lab_xid *ev = &st->xids[i];
-        if (ev->gpu >= LAB_MAX_GPUS || ev->gpu >= st->gpu_count)
+        if (ev->gpu >= LAB_MAX_GPUS || ev->gpu >= st->gpu_count || !lab_visible(set->node, ev->gpu))
             continue;
         if (!(set->mask[ev->gpu] & nvmlEventTypeXidCriticalError) || ev->seq <= set->cursor[ev->gpu])
             continue;
@@ -1345,8 +2533,8 @@ static int lab_next_xid(struct lab_event_set *set, nvmlEventData_t *data)
     data->device = &set->node->devices[best->gpu];
     data->eventType = nvmlEventTypeXidCriticalError;
     data->eventData = best->xid;
-    data->gpuInstanceId = NVML_INVALID_INSTANCE_ID;
-    data->computeInstanceId = NVML_INVALID_INSTANCE_ID;
+    data->gpuInstanceId = best->gi;
+    data->computeInstanceId = best->ci;
     return 1;
 }
 

@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import pytest
 
@@ -53,13 +53,13 @@ CHILD_PRELUDE = textwrap.dedent(
 
 @pytest.fixture(scope="session")
 def nvml_lib_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Builds lab/nvml/*.c into a private libnvidia-ml.so.1 (the README's command)."""
+    """Builds lab/nvml/*.c but nvidia_smi.c into a private libnvidia-ml.so.1 (the README's command)."""
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("gcc is needed to build the lab NVML library")
     assert gcc is not None
     out_dir = tmp_path_factory.mktemp("lab-nvml-lib")
-    sources = sorted(str(path) for path in (ROOT / "lab" / "nvml").glob("*.c"))
+    sources = sorted(str(path) for path in (ROOT / "lab" / "nvml").glob("*.c") if path.name != "nvidia_smi.c")
     subprocess.run(
         [gcc, "-std=c99", "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-pthread",
          "-Wl,-soname,libnvidia-ml.so.1", "-o", str(out_dir / "libnvidia-ml.so.1"), *sources],
@@ -75,11 +75,19 @@ def state_path(tmp_path: Path) -> Path:
     return path
 
 
-def run_child(lib_dir: Path, code: str, state: Optional[Path], timeout: float = 15.0) -> Any:
+# The per-process container view the library reads at nvmlInit: never inherited by a child.
+CONTAINER_ENV = ("NVIDIA_VISIBLE_DEVICES", nvml_state.ENV_INIT_ERROR)
+
+
+def run_child(lib_dir: Path, code: str, state: Optional[Path], timeout: float = 15.0,
+              env_extra: Optional[Dict[str, str]] = None) -> Any:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = str(lib_dir)
     env["PYTHONPATH"] = str(ROOT)
     env.pop(nvml_state.ENV_STATE_PATH, None)
+    for name in CONTAINER_ENV:
+        env.pop(name, None)
+    env.update(env_extra or {})
     if state is not None:
         env[nvml_state.ENV_STATE_PATH] = str(state)
     proc = subprocess.run(
@@ -647,3 +655,165 @@ def test_apply_fault_serializes_concurrent_writers(tmp_path: Path) -> None:
     state = nvml_state.read_state(path)
     assert [event["seq"] for event in state["xid_events"]] == list(range(1, 41))
     assert state["xid_next_seq"] == 41
+
+
+# ---- the container view: GPUNODE_LAB_NVML_INIT_ERROR and NVIDIA_VISIBLE_DEVICES -------------
+
+VIEW_SNIPPET = """
+    N.nvmlInit()
+    out = []
+    for i in range(N.nvmlDeviceGetCount()):
+        h = N.nvmlDeviceGetHandleByIndex(i)
+        out.append([N.nvmlDeviceGetIndex(h), N.nvmlDeviceGetUUID(h), N.nvmlDeviceGetMinorNumber(h),
+                    N.nvmlDeviceGetPciInfo(h).busId])
+    done(out)
+"""
+
+
+def _view(gpus: list, *hosts: int) -> list:
+    return [[index, gpus[host]["uuid"], host, gpus[host]["pci_bus_id"]] for index, host in enumerate(hosts)]
+
+
+@pytest.mark.parametrize(
+    ("visible", "hosts"),
+    [
+        (None, (0, 1, 2, 3, 4, 5, 6, 7)),
+        ("all", (0, 1, 2, 3, 4, 5, 6, 7)),
+        ("none", ()),
+        ("void", ()),
+        ("", ()),
+        ("5", (5,)),
+        ("6,2", (2, 6)),                      # host (PCI) order, renumbered 0..k-1
+        (" 3 , 3,1 ", (1, 3)),                # blanks and repeats
+        ("uuid:7,1", (1, 7)),                 # a GPU UUID and an index
+        ("1,99,GPU-00000000-0000-0000-0000-000000000000,MIG-nope,x:y,", (1,)),  # unknown entries ignored
+    ],
+)
+def test_nvidia_visible_devices_is_the_containers_view(nvml_lib_dir: Path, state_path: Path,
+                                                       visible: Optional[str], hosts: tuple) -> None:
+    gpus = nvml_state.read_state(str(state_path))["gpus"]
+    env = {}
+    if visible is not None:
+        env["NVIDIA_VISIBLE_DEVICES"] = visible.replace("uuid:7", gpus[7]["uuid"])
+    got = run_child(nvml_lib_dir, VIEW_SNIPPET, state_path, env_extra=env)
+    assert got == _view(gpus, *hosts)
+
+
+def test_hidden_gpus_are_not_found_and_get_no_events(nvml_lib_dir: Path, state_path: Path) -> None:
+    gpus = nvml_state.read_state(str(state_path))["gpus"]
+    got = run_child(nvml_lib_dir, """
+        path = os.environ["GPUNODE_LAB_NVML_STATE"]
+        hidden, shown = %r, %r
+        N.nvmlInit()
+        out = {
+            "count": N.nvmlDeviceGetCount(),
+            "hidden_uuid": err(N.nvmlDeviceGetHandleByUUID, hidden[0]),
+            "hidden_pci": err(N.nvmlDeviceGetHandleByPciBusId, hidden[1]),
+            "shown_uuid": N.nvmlDeviceGetIndex(N.nvmlDeviceGetHandleByUUID(shown[0])),
+            "shown_pci": N.nvmlDeviceGetIndex(N.nvmlDeviceGetHandleByPciBusId(shown[1])),
+            "past_count": err(N.nvmlDeviceGetHandleByIndex, 2),
+        }
+        es = N.nvmlEventSetCreate()
+        for i in range(2):
+            N.nvmlDeviceRegisterEvents(N.nvmlDeviceGetHandleByIndex(i), N.nvmlEventTypeXidCriticalError, es)
+        S.apply_fault(path, "critical_xid", gpu=0, xid=48)     # host GPU 0: not in this container
+        S.apply_fault(path, "critical_xid", gpu=4, xid=79)     # host GPU 4: the container's GPU 1
+        d = N.nvmlEventSetWait_v2(es, 1000)
+        out["event"] = [d.eventData, N.nvmlDeviceGetIndex(d.device), N.nvmlDeviceGetUUID(d.device)]
+        out["then"] = err(N.nvmlEventSetWait_v2, es, 0)
+        S.apply_fault(path, "gpu_lost", gpu=4)                 # a lost visible GPU still counts
+        out["lost"] = [N.nvmlDeviceGetCount(), err(N.nvmlDeviceGetHandleByIndex, 1)]
+        done(out)
+    """ % ([gpus[0]["uuid"], gpus[0]["pci_bus_id"]], [gpus[4]["uuid"], gpus[4]["pci_bus_id"]]),
+        state_path, env_extra={"NVIDIA_VISIBLE_DEVICES": "4,2"})
+    assert got == {
+        "count": 2,
+        "hidden_uuid": "NVMLError_NotFound",
+        "hidden_pci": "NVMLError_NotFound",
+        "shown_uuid": 1,
+        "shown_pci": 1,
+        "past_count": "NVMLError_InvalidArgument",
+        "event": [79, 1, gpus[4]["uuid"]],
+        "then": "NVMLError_Timeout",
+        "lost": [2, "NVMLError_GpuIsLost"],
+    }
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    ("999", "NVMLError_Unknown"), ("9", "NVMLError_DriverNotLoaded"), ("18", "NVMLError_LibRmVersionMismatch"),
+    ("0", None), ("not-a-number", None)])
+def test_init_error_from_the_environment(nvml_lib_dir: Path, state_path: Path, value: str,
+                                         error: Optional[str]) -> None:
+    got = run_child(nvml_lib_dir, """
+        done([err(N.nvmlInit), err(N.nvmlInitWithFlags, 0), err(N.nvmlDeviceGetCount)])
+    """, state_path, env_extra={nvml_state.ENV_INIT_ERROR: value})
+    if error is None:
+        assert got == [None, None, None]
+    else:
+        assert got == [error, error, "NVMLError_Uninitialized"]
+
+
+def test_init_error_wins_over_any_state_and_is_read_at_each_init(nvml_lib_dir: Path, tmp_path: Path) -> None:
+    node_a, node_b = tmp_path / "a.state", tmp_path / "b.state"
+    nvml_state.write_state(str(node_a), nvml_state.default_node_state("node-a", gpu_count=2))
+    nvml_state.write_state(str(node_b), nvml_state.default_node_state("node-b", gpu_count=4))
+    got = run_child(nvml_lib_dir, """
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        lib.gpunodeLabSetStatePath.argtypes = [ctypes.c_char_p]
+        out = {"first": err(N.nvmlInit)}                       # GPUNODE_LAB_NVML_INIT_ERROR=999
+        lib.gpunodeLabSetStatePath(%r.encode())                # the override does not escape it
+        out["override"] = err(N.nvmlInit)
+        lib.gpunodeLabSetStatePath(b"/nonexistent/state")      # nor does a missing state file
+        out["missing"] = err(N.nvmlInit)
+        del os.environ["GPUNODE_LAB_NVML_INIT_ERROR"]
+        lib.gpunodeLabSetStatePath(None)
+        out["cleared"] = [err(N.nvmlInit), N.nvmlDeviceGetCount()]
+        os.environ["GPUNODE_LAB_NVML_INIT_ERROR"] = "4"
+        out["again"] = [err(N.nvmlInit), N.nvmlDeviceGetCount()]  # the initialized node keeps working
+        done(out)
+    """ % str(node_b), node_a, env_extra={nvml_state.ENV_INIT_ERROR: "999"})
+    assert got == {"first": "NVMLError_Unknown", "override": "NVMLError_Unknown", "missing": "NVMLError_Unknown",
+                   "cleared": [None, 2], "again": ["NVMLError_NoPermission", 2]}
+
+
+def test_the_view_applies_to_every_node_of_the_override(nvml_lib_dir: Path, tmp_path: Path) -> None:
+    node_a, node_b = tmp_path / "a.state", tmp_path / "b.state"
+    nvml_state.write_state(str(node_a), nvml_state.default_node_state("node-a", gpu_count=2))
+    state_b = nvml_state.default_node_state("node-b", gpu_count=4, model="H100")
+    nvml_state.write_state(str(node_b), state_b)
+    got = run_child(nvml_lib_dir, """
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        lib.gpunodeLabSetStatePath.argtypes = [ctypes.c_char_p]
+        N.nvmlInit()
+        out = {"a": N.nvmlDeviceGetCount()}
+        lib.gpunodeLabSetStatePath(%r.encode())
+        N.nvmlInit()
+        out["b"] = [N.nvmlDeviceGetCount(), N.nvmlDeviceGetUUID(N.nvmlDeviceGetHandleByIndex(0))]
+        os.environ["NVIDIA_VISIBLE_DEVICES"] = "all"           # re-read at the next nvmlInit
+        N.nvmlInit()
+        out["all"] = N.nvmlDeviceGetCount()
+        done(out)
+    """ % str(node_b), node_a, env_extra={"NVIDIA_VISIBLE_DEVICES": "3"})
+    assert got == {"a": 0, "b": [1, state_b["gpus"][3]["uuid"]], "all": 4}
+
+
+def test_nvml_version_is_readable_before_init(nvml_lib_dir: Path, state_path: Path) -> None:
+    nvml_state.apply_fault(str(state_path), "driver_library_mismatch")
+    got = run_child(nvml_lib_dir, """
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        buf = ctypes.create_string_buffer(80)
+        done([lib.nvmlSystemGetNVMLVersion(buf, 80), buf.value.decode(), err(N.nvmlInit),
+              lib.nvmlSystemGetDriverVersion(buf, 80)])
+    """, state_path)
+    assert got == [0, "12.550.54.15", "NVMLError_LibRmVersionMismatch", 1]
+
+
+def test_power_limit_and_topology(nvml_lib_dir: Path, state_path: Path) -> None:
+    got = run_child(nvml_lib_dir, """
+        N.nvmlInit()
+        h = [N.nvmlDeviceGetHandleByIndex(i) for i in range(8)]
+        done([N.nvmlDeviceGetEnforcedPowerLimit(h[0]), N.nvmlDeviceGetPowerManagementLimit(h[7]),
+              [N.nvmlDeviceGetTopologyCommonAncestor(h[0], h[i]) for i in (1, 2, 3, 4, 7)],
+              err(N.nvmlDeviceGetNvLinkState, h[0], 0), err(N.nvmlDeviceGetTopologyCommonAncestor, h[0], h[0])])
+    """, state_path)
+    assert got == [400000, 400000, [20, 40, 40, 50, 50], "NVMLError_NotSupported", "NVMLError_InvalidArgument"]
