@@ -8,6 +8,7 @@ BUILD := $(CURDIR)/.build
 # a symlink to this checkout for playbooks and pytest, a copy for ansible-test (it needs a real path).
 COLLECTION_LINK := $(BUILD)/ansible_collections/gpunode/bringup
 LAB_NVML := $(BUILD)/lab/lib/libnvidia-ml.so.1
+LAB_NVIDIA_SMI := $(BUILD)/lab/bin/nvidia-smi
 
 export ANSIBLE_HOME := $(BUILD)/ansible-home
 export ANSIBLE_COLLECTIONS_PATH := $(BUILD)
@@ -39,24 +40,27 @@ collection:
 lab:
 	$(PYTHON) -m lab.build
 
-lab-nvml: $(LAB_NVML)
-$(LAB_NVML): $(wildcard lab/nvml/*.c lab/nvml/*.h)
+lab-nvml: $(LAB_NVML) $(LAB_NVIDIA_SMI)
+$(LAB_NVML): $(filter-out lab/nvml/nvidia_smi.c,$(wildcard lab/nvml/*.c)) $(wildcard lab/nvml/*.h)
 	@mkdir -p $(dir $@)
-	gcc -std=c99 -O2 -Wall -Wextra -shared -fPIC -pthread -Wl,-soname,libnvidia-ml.so.1 -o $@ lab/nvml/*.c
+	gcc -std=c99 -O2 -Wall -Wextra -shared -fPIC -pthread -Wl,-soname,libnvidia-ml.so.1 -o $@ $(filter-out lab/nvml/nvidia_smi.c,$(wildcard lab/nvml/*.c))
+$(LAB_NVIDIA_SMI): lab/nvml/nvidia_smi.c
+	@mkdir -p $(dir $@)
+	gcc -std=c99 -O2 -Wall -Wextra -o $@ lab/nvml/nvidia_smi.c -ldl
 
-test: venv collection lab-nvml
+test: venv collection lab lab-nvml
 	$(VPY) tests/run_all.py
 
 # Single stages, for development (the same ones `make test` runs).
 stubs-check sanity lint docs units: venv collection
 	$(VPY) tests/run_all.py --only $@
-pytest: venv collection lab-nvml
+pytest: venv collection lab lab-nvml
 	$(VPY) tests/run_all.py --only $@
 
-demo: venv collection lab-nvml
+demo: venv collection lab lab-nvml
 	$(VPY) -m lab.demo
 
-bench: venv collection lab-nvml
+bench: venv collection lab lab-nvml
 	$(VPY) bench/run_all.py
 
 build: venv

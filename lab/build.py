@@ -96,7 +96,13 @@ def required_go() -> str:
 
 
 def _version_tuple(version: str) -> List[int]:
-    return [int(p) for p in re.findall(r"\d+", version)[:3]]
+    """[major, minor, patch] of a Go version (1.26.0, go1.26.8, 1.20); a pre-release (go1.26rc1)
+    comes before its .0."""
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?(rc|beta)?", version)
+    if not match:
+        return []
+    major, minor, patch, pre = match.groups()
+    return [int(major), int(minor), -1 if pre else int(patch or 0)]
 
 
 def check_go(go: str) -> str:
@@ -256,7 +262,7 @@ def build_device_plugin(go: str, version: str, tag: str, force: bool) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m lab.build", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 -m lab.build", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--force", action="store_true", help="rebuild even when the stamps match")
     parser.add_argument("--only", choices=("controlplane", "device-plugin"), help="build one part")
     args = parser.parse_args(argv)

@@ -94,7 +94,9 @@ def _daemon_env() -> Dict[str, str]:
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (LAB_LIB_DIR, env.get("LD_LIBRARY_PATH", "")) if p)
-    env.pop("GPUNODE_LAB_NVML_STATE", None)
+    # the lab NVML reads these as a container's view of the driver: none of it is the daemon's
+    for name in ("GPUNODE_LAB_NVML_STATE", "GPUNODE_LAB_NVML_INIT_ERROR", "NVIDIA_VISIBLE_DEVICES"):
+        env.pop(name, None)
     env.setdefault("GRPC_VERBOSITY", "ERROR")
     return env
 
@@ -118,18 +120,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     if pid is not None:
         print("lab up: a lab is already running from %s (pid %d); run `python -m lab down` first" % (state_dir, pid), file=sys.stderr)
         return 1
-    os.makedirs(state_dir, exist_ok=True)
-    for stale in ("lab.json", "control.sock", "daemon.pid"):
-        try:
-            os.unlink(os.path.join(state_dir, stale))
-        except FileNotFoundError:
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        for stale in ("lab.json", "control.sock", "daemon.pid"):
+            try:
+                os.unlink(os.path.join(state_dir, stale))
+            except FileNotFoundError:
+                pass
+        with open(os.path.join(state_dir, "daemon.log"), "ab"):
             pass
+    except OSError as exc:
+        print("lab up: cannot write the state dir %s (%s): choose another with --state-dir" % (state_dir, exc),
+              file=sys.stderr)
+        return 2
     command = [sys.executable, "-m", "lab", "daemon", "--state-dir", state_dir, "--scenario", args.scenario,
                "--gpus", str(args.gpus)]
     if args.nodes is not None:
         command += ["--nodes", str(args.nodes)]
     if args.api_only:
         command.append("--api-only")
+    if args.fault_proxy:
+        command.append("--fault-proxy")
+    if args.api_port:
+        command += ["--api-port", str(args.api_port)]
+    if args.node_status_update_frequency is not None:
+        command += ["--node-status-update-frequency", str(args.node_status_update_frequency)]
     log_path = os.path.join(state_dir, "daemon.log")
     started = time.time()
     with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
@@ -156,7 +171,9 @@ def cmd_up(args: argparse.Namespace) -> int:
           % (len(info["nodes"]), info["scenario"], ", API only" if info["api_only"] else "", time.time() - started, process.pid))
     print("  kubeconfig: %s" % info["kubeconfig"])
     print("  inventory:  %s" % info["inventory"])
-    print("  API server: %s" % info["url"])
+    proxy = "; clients go through the fault proxy at %s" % info["url"] if info.get("fault_proxy") else ""
+    print("  API server: %s (Kubernetes %s)%s" % (info.get("apiserver_url", info["url"]), info.get("kubernetes_version", "?"),
+                                                  proxy))
     print("  export KUBECONFIG=%s" % info["kubeconfig"])
     return 0
 
@@ -180,19 +197,22 @@ def _wait_gone(pid: int, pgid: int, timeout: float) -> bool:
 
 def _stop_daemon(state_dir: str, pid: int, pgid: int) -> List[int]:
     """Stop the daemon and its process group; the PIDs still alive afterwards (none, normally)."""
-    if _alive(pid):
+    running = _alive(pid)
+    if running:
         try:
             control_request(state_dir, {"op": "stop"}, timeout=5)
         except OSError:
             pass
-        if not _wait_gone(pid, pgid, 20):
-            for signum, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-                try:
-                    os.killpg(pgid, signum)
-                except ProcessLookupError:
-                    break
-                if _wait_gone(pid, pgid, wait):
-                    break
+    # a daemon that was killed: its children die with it (PR_SET_PDEATHSIG) in a moment; what
+    # is left of its group (it keeps the group id while a member lives) gets the signals
+    if not _wait_gone(pid, pgid, 20 if running else 2):
+        for signum, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(pgid, signum)
+            except ProcessLookupError:
+                break
+            if _wait_gone(pid, pgid, wait):
+                break
     return ([pid] if _alive(pid) else []) + [p for p in _group_members(pgid) if p != pid]
 
 
@@ -262,6 +282,22 @@ def cmd_node_action(args: argparse.Namespace) -> int:
         print("lab node-action: %s" % answer.get("error"), file=sys.stderr)
         return 1
     print("lab node-action: %s %s: %s" % (args.node, args.action, ", ".join((answer.get("result") or {}).get("done") or ["nothing to do"])))
+    return 0
+
+
+def cmd_api_faults(args: argparse.Namespace) -> int:
+    request: Dict[str, Any] = {"op": "api_faults", "action": args.action}
+    if args.action == "add":
+        request["faults"] = [{"verb": args.verb, "resource": args.resource, "kind": args.kind, "count": args.count,
+                              "delay_s": args.delay}]
+    answer = _request(os.path.abspath(args.state_dir), request)
+    if answer is None:
+        return EXIT_NOT_RUNNING
+    if not answer.get("ok"):
+        print("lab api-faults: %s" % answer.get("error"), file=sys.stderr)
+        return 1
+    for fault in answer.get("faults") or []:
+        print("%(verb)s %(resource)s: %(kind)s, %(fired)d of %(count)d fired (0: until cleared)" % fault)
     return 0
 
 
@@ -342,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-only", action="store_true", help="no node runtime: API objects only (large fleets)")
     up.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
     up.add_argument("--timeout", type=float, default=180.0)
+    up.add_argument("--fault-proxy", action="store_true",
+                    help="put the fault proxy between the clients and the API server (lab/faultproxy.py)")
+    up.add_argument("--api-port", type=int, help="the API server's port on 127.0.0.1 (default: a free one)")
+    up.add_argument("--node-status-update-frequency", type=float, default=None, metavar="SECONDS",
+                    help="the simulated kubelets' nodeStatusUpdateFrequency (default 10, the kubelet's)")
     up.set_defaults(func=cmd_up)
 
     down = with_state_dir(sub.add_parser("down", help="stop the fleet; no process is left"))
@@ -365,6 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("action", help="load_kernel_modules, start_persistenced, configure_runtime, restart_runtime, "
                                        "restart_kubelet, reboot")
     action.set_defaults(func=cmd_node_action)
+
+    api = with_state_dir(sub.add_parser("api-faults", help="faults of the API as the clients see it (needs up --fault-proxy)"))
+    api.add_argument("action", choices=("add", "list", "clear"))
+    api.add_argument("--verb", help="get, list, watch, create, update, patch, delete, deletecollection")
+    api.add_argument("--resource", help="e.g. pods, nodes, daemonsets, leases, pods/log")
+    api.add_argument("--kind", choices=("429", "500", "drop", "slow"))
+    api.add_argument("--count", type=int, default=1, help="how many requests it hits (0: until cleared)")
+    api.add_argument("--delay", type=float, default=1.0, help="seconds, for kind slow")
+    api.set_defaults(func=cmd_api_faults)
 
     faults = with_state_dir(sub.add_parser("faults", help="list fault names"))
     faults.set_defaults(func=cmd_faults)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
-from lab.pins import BIN_DIR, KUBE_LAB, pins
+from lab.pins import KUBE_LAB, pins
 from lab.pki import APISERVER_HOSTS, ClusterPKI, KeyPair
 
 ADMIN_USER = "lab-admin"
@@ -52,6 +52,9 @@ AUDIT_POLICY = {
         {"level": "None", "userGroups": ["system:nodes"]},
         {"level": "None", "users": ["system:kube-controller-manager", "system:kube-scheduler",
                                     "system:apiserver", LAB_USER]},
+        # the collection's least-privilege identity (docs/rbac.yaml) is a kube-system service
+        # account: audited (the first matching rule wins), unlike the controllers' beside it
+        {"level": "Metadata", "users": ["system:serviceaccount:kube-system:gpunode-bringup"]},
         {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
         {"level": "None", "nonResourceURLs": ["/healthz*", "/readyz*", "/livez*"]},
         {"level": "Metadata"},
@@ -149,6 +152,7 @@ class ControlPlane:
     def __post_init__(self) -> None:
         self.directory = os.path.abspath(self.directory)
         self.pki = ClusterPKI(os.path.join(self.directory, "pki"))
+        self._lab_context: Optional[ssl.SSLContext] = None
 
     def path(self, *names: str) -> str:
         return os.path.join(self.directory, *names)
@@ -170,9 +174,13 @@ class ControlPlane:
                                     % (self.kube_lab, pins()["KUBERNETES_VERSION"]))
         if self.api_port:
             check_port_free(self.api_port)
-        for sub in ("logs", "etcd"):
-            os.makedirs(self.path(sub), exist_ok=True)
-        self.pki.create()
+        try:
+            for sub in ("logs", "etcd"):
+                os.makedirs(self.path(sub), exist_ok=True)
+            self.pki.create()
+        except OSError as exc:
+            raise ControlPlaneError("lab control plane: cannot write its state in %s (%s): choose a writable "
+                                    "state dir" % (self.directory, exc)) from None
         try:
             self._start_all()
         except BaseException:
@@ -300,7 +308,7 @@ class ControlPlane:
     # ---- clients ----------------------------------------------------------------------------
 
     def write_kubeconfig(self, path: str, token: Optional[str] = None, cert: Optional[KeyPair] = None,
-                         user: str = "lab") -> str:
+                         user: str = "lab", server: Optional[str] = None) -> str:
         credentials: Dict[str, Any] = {}
         if token:
             credentials["token"] = token
@@ -309,7 +317,8 @@ class ControlPlane:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "lab", "cluster": {"server": self.url, "certificate-authority": self.ca_file}}],
+            "clusters": [{"name": "lab", "cluster": {"server": server or self.url,
+                                                     "certificate-authority": self.ca_file}}],
             "users": [{"name": user, "user": credentials}],
             "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": user}}],
             "current-context": "lab",
@@ -321,8 +330,8 @@ class ControlPlane:
         os.replace(tmp, path)
         return path
 
-    def admin_kubeconfig(self, path: str) -> str:
-        return self.write_kubeconfig(path, token=self.admin_token, user=ADMIN_USER)
+    def admin_kubeconfig(self, path: str, server: Optional[str] = None) -> str:
+        return self.write_kubeconfig(path, token=self.admin_token, user=ADMIN_USER, server=server)
 
     def ssl_context(self, cert: Optional[KeyPair] = None) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.ca_file)
@@ -331,8 +340,10 @@ class ControlPlane:
         return context
 
     def _api_ok(self, path: str) -> bool:
-        return _http_ok(self.url + path, headers={"Authorization": "Bearer " + self.admin_token},
-                        context=self.ssl_context())
+        """A GET as the lab itself (its client certificate: not in the audit log)."""
+        if self._lab_context is None:
+            self._lab_context = self.ssl_context(KeyPair(self.pki.path("lab.crt"), self.pki.path("lab.key")))
+        return _http_ok(self.url + path, context=self._lab_context)
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -375,33 +386,76 @@ def _http_ok(url: str, headers: Optional[Dict[str, str]] = None, context: Option
         return False
 
 
-def audit_events(path: str) -> List[Dict[str, Any]]:
-    """The audit log's events (the current file and its one rotated backup), oldest first."""
-    events: List[Dict[str, Any]] = []
-    directory, base = os.path.split(path)
-    stem, ext = os.path.splitext(base)
-    backups = sorted(n for n in os.listdir(directory) if n.startswith(stem + "-") and n.endswith(ext))
-    for name in backups + [base]:
+class AuditLog:
+    """The API server's audit log as a request counter: ``mark()`` now, ``counts()`` of what
+    the API server logged since. The policy (AUDIT_POLICY) leaves out the nodes', the
+    controllers' and the lab's own requests, so what is counted is the clients' (the
+    collection's). The log rotates at 200 MB; a mark older than the rotation counts from the
+    rotated file's start."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.offset = 0
+
+    def size(self) -> int:
         try:
-            with open(os.path.join(directory, name), encoding="utf-8") as handle:
-                for line in handle:
-                    try:
-                        events.append(json.loads(line))
-                    except ValueError:
-                        continue  # a line being written
+            return os.path.getsize(self.path)
         except OSError:
-            continue
-    return events
+            return 0
+
+    def mark(self) -> None:
+        self.offset = self._settled_size()
+
+    def _settled_size(self, settle_s: float = 0.15, timeout: float = 3.0) -> int:
+        """The log's size once it has stopped growing for ``settle_s`` (the API server writes
+        an event as the response completes, so a client may see its answer a moment before)."""
+        deadline = time.monotonic() + timeout
+        size = self.size()
+        while time.monotonic() < deadline:
+            time.sleep(settle_s)
+            now = self.size()
+            if now == size:
+                break
+            size = now
+        return size
+
+    def events(self) -> List[Dict[str, Any]]:
+        end = self._settled_size()
+        offset = self.offset if self.offset <= end else 0
+        events: List[Dict[str, Any]] = []
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(end - offset)
+        except OSError:
+            return events
+        for line in data.splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def counts(self, users: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:
+        return request_counts(self.events(), users)
 
 
 def request_counts(events: List[Dict[str, Any]], users: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:
     """Requests by verb and resource, writes and dry-run writes apart, from audit events."""
     writes = dry_run_writes = 0
     by_verb: Dict[str, Dict[str, int]] = {}
+    write_requests: Dict[str, Dict[str, int]] = {}
+    forbidden: List[Dict[str, Any]] = []
+    seen: set = set()
     for event in events:
         user = (event.get("user") or {}).get("username", "")
         if users is not None and user not in users:
             continue
+        # a long-running request (watch, pods/log) is logged at ResponseStarted and again at
+        # ResponseComplete, with one auditID: one request
+        if event.get("auditID") in seen:
+            continue
+        seen.add(event.get("auditID"))
         verb = event.get("verb", "")
         ref = event.get("objectRef") or {}
         resource = ref.get("resource") or event.get("requestURI", "").split("?")[0]
@@ -409,10 +463,15 @@ def request_counts(events: List[Dict[str, Any]], users: Optional[Tuple[str, ...]
             resource += "/" + ref["subresource"]
         by_verb.setdefault(verb, {})
         by_verb[verb][resource] = by_verb[verb].get(resource, 0) + 1
+        if (event.get("responseStatus") or {}).get("code") == 403:
+            forbidden.append({"user": user, "verb": verb, "resource": resource, "namespace": ref.get("namespace"),
+                              "name": ref.get("name"), "uri": event.get("requestURI", "")})
         if verb in ("create", "update", "patch", "delete", "deletecollection"):
             if "dryRun=All" in event.get("requestURI", ""):
                 dry_run_writes += 1
             else:
                 writes += 1
-    return {"requests": by_verb, "writes": writes, "dry_run_writes": dry_run_writes,
-            "total": sum(sum(v.values()) for v in by_verb.values())}
+                per = write_requests.setdefault(verb, {})
+                per[resource] = per.get(resource, 0) + 1
+    return {"requests": by_verb, "writes": writes, "dry_run_writes": dry_run_writes, "write_requests": write_requests,
+            "forbidden": forbidden, "total": sum(sum(v.values()) for v in by_verb.values())}

@@ -1,10 +1,15 @@
 """The lab daemon: one process holding a whole simulated fleet.
 
-It runs the Kubernetes API server (lab/apiserver), the node runtime (lab/node: kubelet and
-device plugin stand-ins of every node; none with ``--api-only``), applies a scenario, writes
-``kubeconfig``, ``inventory.yml`` and ``lab.json`` into the state dir, and answers a control
-socket (``<state dir>/control.sock``: one JSON request per line, one JSON answer per line)
-through which ``python -m lab break/fix/status/down`` act on the running fleet.
+It starts the real control plane (lab/cluster.py: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler, as child processes), the node agents (lab/node: a simulated kubelet per node,
+a real API client, running NVIDIA's real device plugin in its pods; light agents with
+``--api-only``), applies a scenario, writes ``kubeconfig``, ``inventory.yml`` and ``lab.json``
+into the state dir, and answers a control socket (``<state dir>/control.sock``: one JSON request
+per line, one JSON answer per line) through which ``python -m lab break/fix/status/down`` act
+on the running fleet.
+
+Every process the daemon starts is in its process group and dies with it (PR_SET_PDEATHSIG), so
+``down`` leaves nothing behind, also after a crash.
 
 Started by ``python -m lab up`` (see lab/cli.py); ``python -m lab daemon ...`` runs it in the
 foreground.
@@ -27,6 +32,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from lab.contracts import NodeSpec
+from lab.pins import pins
+from lab.shapes import MIG_LAYOUTS, SHAPES, node_labels
 
 LOG = logging.getLogger("lab.daemon")
 
@@ -35,8 +42,8 @@ LAB_LIB_DIR = os.path.join(REPO, ".build", "lab", "lib")
 GPU_LABEL = "nvidia.com/gpu.present"
 MAINTENANCE_TAINT = {"key": "gpu-maintenance", "value": "true", "effect": "NoSchedule"}
 API_FAULTS = ("daemonset_missing", "label_missing", "taint_untolerated")
-SCENARIOS = ("healthy", "demo")
-DEFAULT_NODES = {"healthy": 4, "demo": 4}
+SCENARIOS = ("healthy", "demo") + SHAPES
+DEFAULT_NODES = dict({"healthy": 4, "demo": 4}, **{shape: 2 for shape in SHAPES})
 CLUSTER_TARGETS = ("cluster", "-")
 
 
@@ -56,7 +63,8 @@ def plan_scenario(scenario: str, count: Optional[int], gpus: int) -> Tuple[List[
     count = DEFAULT_NODES[scenario] if count is None else count
     if count < 1:
         raise ValueError("--nodes must be at least 1")
-    specs = [NodeSpec(name=n, root="", gpu_count=gpus, labels={GPU_LABEL: "true"}) for n in node_names(count)]
+    labels = dict({GPU_LABEL: "true"}, **node_labels(scenario))
+    specs = [NodeSpec(name=n, root="", gpu_count=gpus, labels=dict(labels)) for n in node_names(count)]
     faults: List[Tuple[str, str, Dict[str, Any]]] = []
     if scenario == "demo":
         # 01 healthy; 02 lacks the scheduling label; 03's plugin crash-loops until its pod is
@@ -79,8 +87,9 @@ def _is_plugin_daemonset(ds: Dict[str, Any]) -> bool:
 
 class LabDaemon:
     def __init__(self, state_dir: str, nodes: Optional[int] = None, scenario: str = "healthy",
-                 api_only: bool = False, gpus: int = 8, crash_backoff: Tuple[float, float] = (0.3, 2.0),
-                 endpoint_grace_s: float = 300.0) -> None:
+                 api_only: bool = False, gpus: int = 8, crash_backoff: Tuple[float, float] = (10.0, 300.0),
+                 endpoint_grace_s: float = 300.0, api_port: Optional[int] = None,
+                 node_status_update_frequency: float = 10.0, fault_proxy: bool = False) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.scenario = scenario
         self.api_only = api_only
@@ -88,14 +97,20 @@ class LabDaemon:
         self.specs, self.initial_faults = plan_scenario(scenario, nodes, gpus)
         self.crash_backoff = crash_backoff
         self.endpoint_grace_s = endpoint_grace_s
+        self.api_port = api_port
+        self.node_status_update_frequency = node_status_update_frequency
+        self.fault_proxy = fault_proxy
+        self.proxy: Any = None
+        self.cluster: Any = None
         self.fleet: Any = None
-        self.api: Any = None
         self.api_faults: Dict[str, Dict[str, Any]] = {}  # "node/fault" -> args (what fix restores)
         self._saved_daemonsets: List[Dict[str, Any]] = []
         self._control: Optional[socketserver.BaseServer] = None
         self._stop = threading.Event()
         self.started_at = 0.0
         self.ready_s = 0.0
+        self.timings: Dict[str, float] = {}
+        self.shape_objects: List[str] = []
 
     # ---- paths -------------------------------------------------------------------------------
 
@@ -105,7 +120,8 @@ class LabDaemon:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        from lab.apiserver import LabApiServer
+        from lab.cluster import ControlPlane
+        from lab.node.agent import NodeFleet
 
         self.started_at = time.time()
         os.makedirs(self.state_dir, exist_ok=True)
@@ -114,38 +130,85 @@ class LabDaemon:
                 os.unlink(self.path(stale))
             except FileNotFoundError:
                 pass
-        self._discard_old_nodes()
-        if not self.api_only:
-            from lab.node import NodeFleet
+        self._discard_old("nodes")
+        self._discard_old("cluster")
+        self.cluster = ControlPlane(self.path("cluster"), api_port=self.api_port).start()
+        self.timings["control_plane"] = round(time.time() - self.started_at, 2)
+        for spec in self.specs:
+            spec.root = "" if self.api_only else os.path.join(self.state_dir, "nodes", spec.name)
+        self.fleet = NodeFleet(self.state_dir, self.cluster, light=self.api_only, crash_backoff=self.crash_backoff,
+                               endpoint_grace_s=self.endpoint_grace_s,
+                               node_status_update_frequency=self.node_status_update_frequency).start()
+        server = None
+        if self.fault_proxy:
+            from lab.faultproxy import FaultProxy
 
-            for spec in self.specs:
-                spec.root = os.path.join(self.state_dir, "nodes", spec.name)
-            self.fleet = NodeFleet(
-                self.state_dir, crash_backoff=self.crash_backoff, endpoint_grace_s=self.endpoint_grace_s
-            ).start()
-        # workloads: ordinary pods (the GPU smoke test) are scheduled and run, through the node
-        # runtime's run_workload_pod where the fleet has one
-        self.api = LabApiServer(self.path("api"), runtime=self.fleet, workloads=True).start()
-        self.api.store.add_nodes(self.specs)
-        if self.fleet is not None:
-            self.fleet.hooks = self.api.store
-            self.fleet.add_nodes(self.specs)
+            pair = self.cluster.pki.issue("fault-proxy", "lab-fault-proxy", server_hosts=("127.0.0.1",), client=False)
+            self.proxy = FaultProxy(self.cluster.url, self.cluster.ca_file, (pair.cert, pair.key))
+            server = self.fleet.run(self.proxy.start())
+        # the clients' kubeconfig: the API server, or the fault proxy in front of it
+        self.cluster.admin_kubeconfig(self.path("kubeconfig"), server=server)
+        self._cluster_objects()
+        started = time.time()
+        self.fleet.add_nodes(self.specs)
+        self.timings["nodes"] = round(time.time() - started, 2)
+        self.shape_objects = self._apply_shape()
         for node, fault, args in self.initial_faults:
             self.break_fault(node, fault, dict(args), initial=True)
-        self.api.write_kubeconfig(self.path("kubeconfig"))
         self._write_inventory()
         self._start_control()
         self.ready_s = time.time() - self.started_at
         self._write_lab_json()
-        LOG.info("lab up: %d nodes (%s) in %.2fs", len(self.specs), self.scenario, self.ready_s)
+        LOG.info("lab up: %d nodes (%s) in %.2fs (%s)", len(self.specs), self.scenario, self.ready_s, self.timings)
 
-    def _discard_old_nodes(self) -> None:
-        """Move the last run's node roots aside and delete them in the background (slow on
-        some filesystems, and not needed before the new fleet is up)."""
-        old = self.path("nodes")
+    def _cluster_objects(self) -> None:
+        """What a GPU cluster has before the collection comes: the nvidia RuntimeClass (NVIDIA's
+        container toolkit and the GPU Operator create it)."""
+        from lab.node.kubeapi import ApiError
+
+        async def create() -> None:
+            try:
+                await self.fleet.lab_api.create("/apis/node.k8s.io/v1/runtimeclasses", {
+                    "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "nvidia"},
+                    "handler": "nvidia"})
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+
+        self.fleet.run(create())
+
+    def _apply_shape(self) -> List[str]:
+        """The deployment shape of the scenario (lab/shapes.py): node state, then API objects."""
+        from lab import nvml_state, shapes
+
+        if self.scenario not in SHAPES:
+            return []
+        gpus: List[Tuple[str, List[Dict[str, Any]]]] = []
+        for spec in self.specs:
+            if self.api_only:
+                continue
+            layout = self.fleet.layout(spec.name)
+            if self.scenario in MIG_LAYOUTS:
+                nvml_state.configure_mig(layout.nvml_state, MIG_LAYOUTS[self.scenario])
+            shapes.prepare_node_root(self.scenario, layout.root, os.path.join(LAB_LIB_DIR, "libnvidia-ml.so.1"))
+            gpus.append((spec.name, nvml_state.read_state(layout.nvml_state).get("gpus") or []))
+
+        def wait(what: str, predicate: Any, timeout: float) -> None:
+            deadline = time.time() + timeout
+            while not predicate():
+                if time.time() > deadline:
+                    raise RuntimeError("lab shape %s: %s not reached in %.0fs" % (self.scenario, what, timeout))
+                time.sleep(0.2)
+
+        return shapes.apply_shape(self.scenario, self._api, gpus, wait)
+
+    def _discard_old(self, name: str) -> None:
+        """Move the last run's directory aside and delete it in the background (slow on some
+        filesystems, and not needed before the new fleet is up)."""
+        old = self.path(name)
         if os.path.exists(old):
-            os.rename(old, self.path("nodes.old.%d.%d" % (os.getpid(), time.time_ns())))
-        trash = [self.path(n) for n in os.listdir(self.state_dir) if n.startswith("nodes.old.")]
+            os.rename(old, self.path("%s.old.%d.%d" % (name, os.getpid(), time.time_ns())))
+        trash = [self.path(n) for n in os.listdir(self.state_dir) if n.startswith(name + ".old.")]
 
         def remove() -> None:
             for path in trash:
@@ -163,14 +226,20 @@ class LabDaemon:
             os.unlink(self.path("control.sock"))
         except FileNotFoundError:
             pass
-        if self.api is not None:
-            self.api.stop()  # first: its DaemonSet controller starts no more plugin pods
+        if self.proxy is not None:
+            try:
+                self.fleet.run(self.proxy.stop())
+            except Exception:  # noqa: BLE001 - stopping anyway
+                LOG.exception("fault proxy stop")
         if self.fleet is not None:
-            self.fleet.stop()
+            self.fleet.stop()  # first: the plugins stop while the API server still answers
+        if self.cluster is not None:
+            self.cluster.stop()
 
     def serve_forever(self) -> None:
         while not self._stop.wait(1.0):
-            pass
+            if self.cluster is not None and self.cluster.dead():
+                LOG.error("lab: control plane component(s) exited: %s", ", ".join(self.cluster.dead()))
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -185,7 +254,7 @@ class LabDaemon:
                 "ansible_connection": "local",
                 "ansible_python_interpreter": sys.executable,
             }
-            if self.fleet is not None:
+            if not self.api_only:
                 layout = self.fleet.layout(spec.name)
                 host["gpunode_node_root"] = layout.root
                 host["gpunode_node_environment"] = {
@@ -222,18 +291,25 @@ class LabDaemon:
         document = {
             "ready": True,
             "state_dir": self.state_dir,
-            "url": self.api.url,
-            "token": self.api.token,
+            "url": self.proxy.url if self.proxy is not None else self.cluster.url,
+            "apiserver_url": self.cluster.url,
+            "fault_proxy": self.proxy is not None,
+            "token": self.cluster.admin_token,
+            "ca": self.cluster.ca_file,
+            "kubernetes_version": pins()["KUBERNETES_VERSION"],
+            "audit_log": self.cluster.audit_log,
             "kubeconfig": self.path("kubeconfig"),
             "inventory": self.path("inventory.yml"),
             "control_socket": self.path("control.sock"),
-            "pids": {"daemon": os.getpid()},
+            "pids": dict(self.cluster.pids(), daemon=os.getpid()),
             "pgid": os.getpgrp(),
+            "timings": self.timings,
             "scenario": self.scenario,
+            "shape_objects": self.shape_objects,
             "api_only": self.api_only,
             "gpus_per_node": self.gpus,
             "nodes": [s.name for s in self.specs],
-            "node_roots": {s.name: s.root for s in self.specs} if self.fleet is not None else {},
+            "node_roots": {s.name: s.root for s in self.specs} if not self.api_only else {},
             "nvml_library_dir": LAB_LIB_DIR,
             "started_at": self.started_at,
             "up_seconds": round(self.ready_s, 3),
@@ -255,7 +331,7 @@ class LabDaemon:
     def break_fault(self, node: str, fault: str, args: Dict[str, Any], initial: bool = False) -> Dict[str, Any]:
         if fault in API_FAULTS:
             return self._api_fault(node, fault, args, broken=True, initial=initial)
-        if self.fleet is None:
+        if self.api_only:
             raise ValueError("fault %s needs the node runtime; this lab is --api-only (API faults: %s)"
                              % (fault, ", ".join(API_FAULTS)))
         self._check_node(node)
@@ -264,7 +340,7 @@ class LabDaemon:
     def fix_fault(self, node: str, fault: str, args: Dict[str, Any]) -> Dict[str, Any]:
         if fault in API_FAULTS:
             return self._api_fault(node, fault, args, broken=False)
-        if self.fleet is None:
+        if self.api_only:
             raise ValueError("fault %s needs the node runtime; this lab is --api-only" % fault)
         self._check_node(node)
         return self.fleet.fix_fault(node, fault, **args)
@@ -275,7 +351,7 @@ class LabDaemon:
         The collection runs these through its `gpunode_commands` variable; the lab inventory points
         them at `python -m lab node-action NODE ACTION`.
         """
-        if self.fleet is None:
+        if self.api_only:
             raise ValueError("node actions need the node runtime; this lab is --api-only")
         self._check_node(node)
         if action not in NODE_ACTIONS:
@@ -294,17 +370,27 @@ class LabDaemon:
                 done.append("kubelet restarted")
         return {"action": action, "done": done}
 
+    def _api(self, method: str, path: str, body: Any = None, query: Optional[Dict[str, Any]] = None,
+             content_type: str = "application/json", ok_missing: bool = False) -> Any:
+        """One request with the lab's own identity (not counted as the collection's)."""
+        return self.fleet.run(self.fleet.lab_api.request(method, path, body, query=query, content_type=content_type,
+                                                         ok_missing=ok_missing))
+
+    def _list(self, path: str) -> List[Dict[str, Any]]:
+        return list((self._api("GET", path) or {}).get("items") or [])
+
     def _api_fault(self, node: str, fault: str, args: Dict[str, Any], broken: bool, initial: bool = False) -> Dict[str, Any]:
-        store = self.api.store
+        merge = "application/merge-patch+json"
         if fault == "daemonset_missing":
             key = "cluster/%s" % fault
             if broken:
                 removed = []
-                for ds in store.list_objects("apps/v1", "DaemonSet"):
+                for ds in self._list("/apis/apps/v1/daemonsets"):
                     if not _is_plugin_daemonset(ds):
                         continue
                     meta = ds["metadata"]
-                    store.delete_object("apps/v1", "DaemonSet", meta.get("namespace"), meta["name"])
+                    self._api("DELETE", "/apis/apps/v1/namespaces/%s/daemonsets/%s" % (meta.get("namespace"), meta["name"]),
+                              {"propagationPolicy": "Background"}, ok_missing=True)
                     self._saved_daemonsets.append(_recreatable(ds))
                     removed.append("%s/%s" % (meta.get("namespace"), meta["name"]))
                 if not removed:
@@ -314,8 +400,9 @@ class LabDaemon:
             restored = []
             for body in self._saved_daemonsets:
                 meta = body["metadata"]
-                if store.get_object("apps/v1", "DaemonSet", meta.get("namespace"), meta["name"]) is None:
-                    store.create_object(body)
+                path = "/apis/apps/v1/namespaces/%s/daemonsets" % meta.get("namespace")
+                if self._api("GET", "%s/%s" % (path, meta["name"]), ok_missing=True) is None:
+                    self._api("POST", path, body)
                     restored.append("%s/%s" % (meta.get("namespace"), meta["name"]))
             self._saved_daemonsets = []
             self.api_faults.pop(key, None)
@@ -326,7 +413,7 @@ class LabDaemon:
             label = str(args.get("label", GPU_LABEL))
             if not initial:
                 value = None if broken else str(args.get("value", "true"))
-                store.patch_object("v1", "Node", None, node, {"metadata": {"labels": {label: value}}})
+                self._api("PATCH", "/api/v1/nodes/%s" % node, {"metadata": {"labels": {label: value}}}, content_type=merge)
             if broken:
                 self.api_faults[key] = {"label": label}
             else:
@@ -338,14 +425,14 @@ class LabDaemon:
                 "value": str(args.get("value", MAINTENANCE_TAINT["value"])),
                 "effect": str(args.get("effect", MAINTENANCE_TAINT["effect"])),
             }
-            current = store.get_object("v1", "Node", None, node) or {}
+            current = self._api("GET", "/api/v1/nodes/%s" % node) or {}
             taints = [t for t in (current.get("spec") or {}).get("taints") or [] if t.get("key") != taint["key"]]
             if broken:
                 taints.append(taint)
                 self.api_faults[key] = taint
             else:
                 self.api_faults.pop(key, None)
-            store.patch_object("v1", "Node", None, node, {"spec": {"taints": taints or None}})
+            self._api("PATCH", "/api/v1/nodes/%s" % node, {"spec": {"taints": taints or None}}, content_type=merge)
             return {}
         raise ValueError("unknown API fault %r" % fault)
 
@@ -366,10 +453,9 @@ class LabDaemon:
                 del self.api_faults[key]
 
     def status(self) -> Dict[str, Any]:
-        store = self.api.store
-        runtime = self.fleet.status() if self.fleet is not None else {}
-        api_nodes = {n["metadata"]["name"]: n for n in store.list_objects("v1", "Node")}
-        all_daemonsets = store.list_objects("apps/v1", "DaemonSet")
+        runtime = self.fleet.status() if not self.api_only else {}
+        api_nodes = {n["metadata"]["name"]: n for n in self._list("/api/v1/nodes")}
+        all_daemonsets = self._list("/apis/apps/v1/daemonsets")
         self._prune_api_faults(api_nodes, all_daemonsets)
         nodes = {}
         for api_node in api_nodes.values():
@@ -387,7 +473,7 @@ class LabDaemon:
             entry.update(runtime.get(name, {}))
             nodes[name] = entry
         pods = []
-        for pod in store.list_objects("v1", "Pod"):
+        for pod in self._list("/api/v1/pods"):
             meta = pod["metadata"]
             statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
             state = statuses[0].get("state") or {}
@@ -403,7 +489,9 @@ class LabDaemon:
         daemonsets = ["%s/%s" % (d["metadata"].get("namespace"), d["metadata"]["name"]) for d in all_daemonsets]
         return {
             "state_dir": self.state_dir,
-            "url": self.api.url,
+            "url": self.cluster.url,
+            "kubernetes_version": pins()["KUBERNETES_VERSION"],
+            "control_plane": self.cluster.describe()["components"],
             "scenario": self.scenario,
             "api_only": self.api_only,
             "nodes": nodes,
@@ -435,6 +523,19 @@ class LabDaemon:
             if op == "node_action":
                 return {"ok": True, "result": self.node_action(str(request.get("node", "")),
                                                                str(request.get("action", "")))}
+            if op == "api_faults":
+                if self.proxy is None:
+                    raise ValueError("API faults need the fault proxy: start the lab with `up --fault-proxy`")
+                action = request.get("action", "list")
+                if action == "add":
+                    return {"ok": True, "faults": self.proxy.add(list(request.get("faults") or []))}
+                if action == "clear":
+                    self.proxy.clear()
+                    return {"ok": True, "faults": []}
+                if action == "reset_counts":
+                    self.proxy.reset_counts()
+                    return {"ok": True}
+                return dict({"ok": True, "faults": self.proxy.describe()}, **self.proxy.counts())
             if op == "stop":
                 threading.Thread(target=self.request_stop, daemon=True).start()
                 return {"ok": True}
@@ -516,15 +617,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--api-only", action="store_true")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--endpoint-grace", type=float, default=300.0)
+    parser.add_argument("--api-port", type=int)
+    parser.add_argument("--node-status-update-frequency", type=float, default=10.0)
+    parser.add_argument("--fault-proxy", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC loads: no INFO lines in daemon.log
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     daemon = LabDaemon(args.state_dir, args.nodes, args.scenario, args.api_only, args.gpus,
-                       endpoint_grace_s=args.endpoint_grace)
+                       endpoint_grace_s=args.endpoint_grace, api_port=args.api_port,
+                       node_status_update_frequency=args.node_status_update_frequency,
+                       fault_proxy=args.fault_proxy)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: daemon.request_stop())
+    from lab.cluster import ControlPlaneError
+
     try:
         daemon.start()
+    except ControlPlaneError as exc:
+        LOG.error("lab daemon failed to start: %s", exc)
+        daemon.stop()
+        return 1
     except Exception:
         LOG.exception("lab daemon failed to start")
         daemon.stop()

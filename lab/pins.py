@@ -11,6 +11,7 @@ PINS_FILE = os.path.join(LAB_DIR, "pins.env")
 CONTROLPLANE_SRC = os.path.join(LAB_DIR, "controlplane")
 BIN_DIR = os.path.join(REPO, ".build", "lab", "bin")
 KUBE_LAB = os.path.join(BIN_DIR, "kube-lab")
+KUBECTL = os.path.join(BIN_DIR, "kubectl")  # kube-lab answering as kubectl (lab.build links it)
 DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin"
 DEVICE_PLUGIN_MODULE = "github.com/NVIDIA/k8s-device-plugin"
 
@@ -42,4 +43,3 @@ def staging_version(kubernetes_version: str) -> str:
     if major != "1":
         raise ValueError("unexpected Kubernetes version %s" % kubernetes_version)
     return "v0.%s.%s" % (minor, patch)
-KUBECTL = os.path.join(BIN_DIR, "kubectl")

@@ -1,7 +1,8 @@
-"""The node runtime of the lab: kubelet and NVIDIA device plugin stand-ins for every simulated
-node, all in one event loop of the lab daemon. See docs/LAB.md.
+"""The lab's simulated nodes: a kubelet per node (a real API client of the real API server)
+that runs NVIDIA's real device plugin in its pods, all in one event loop of the lab daemon.
+See docs/LAB.md.
 
-``NodeFleet`` (and ``FaultError``) load gRPC and NVML on first use; the fault names and the
+``NodeFleet`` (and ``FaultError``) load gRPC and aiohttp on first use; the fault names and the
 node layout do not.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from .faults import CRASH_SIGNATURES, NODE_FAULTS, POD_FAULTS, nvml_faults, runt
 from .layout import NodeLayout, SocketPathTooLong, max_state_dir_length
 
 if TYPE_CHECKING:  # loaded lazily below; named here for readers and linters
-    from .runtime import FaultError, NodeFleet
+    from .agent import FaultError, NodeFleet
 
 __all__ = [
     "CRASH_SIGNATURES",
@@ -30,7 +31,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("NodeFleet", "FaultError"):
-        from . import runtime
+        from . import agent
 
-        return getattr(runtime, name)
+        return getattr(agent, name)
     raise AttributeError(name)

@@ -1,25 +1,33 @@
-"""The kubelet stand-in of one simulated node: device manager, registration and pod-resources.
+"""The kubelet's device manager on one simulated node: registration, ListAndWatch, allocation,
+the checkpoint and the pod-resources API.
 
 It behaves like the kubelet's device manager (pkg/kubelet/cm/devicemanager) as seen from
-outside:
+outside, and NVIDIA's real plugin is its client:
 
 - ``Registration/Register`` on ``device-plugins/kubelet.sock`` validates the request like the
   kubelet (API version ``v1beta1``; an extended resource name; an endpoint it can dial), dials
   the plugin, calls ``GetDevicePluginOptions`` and consumes ``ListAndWatch``.
-- Each ListAndWatch update sets the resource's healthy/unhealthy devices, rewrites
+- Each ListAndWatch update sets the resource's healthy/unhealthy devices and rewrites
   ``kubelet_internal_checkpoint`` (``RegisteredDevices`` lists healthy devices only, as the
-  kubelet writes it) and pushes capacity (all devices) and allocatable (healthy devices) to
-  the Node.
+  kubelet writes it); the node agent reads capacity (all devices) and allocatable (healthy
+  devices) at its next node status update, as the kubelet's status loop does.
 - When the stream ends (plugin gone), every device of the resource turns unhealthy: capacity
   stays, allocatable drops to 0. After ``endpoint_grace_s`` (the kubelet's 5 minutes by
   default) without a new registration the resource is dropped from the Node and checkpoint.
-- ``PodResourcesLister`` (v1) on ``pod-resources/kubelet.sock``: ``List`` (the plugin pod and
-  the workload pods the lab marked as holding devices), ``GetAllocatableResources`` (healthy
-  devices, one entry per device with its NUMA node, as the kubelet answers) and ``Get``.
+- **Allocation** for a container that requests the resource: healthy devices not held by other
+  pods, the plugin's ``GetPreferredAllocation`` when it offers one, then ``Allocate``; the
+  response (e.g. ``NVIDIA_VISIBLE_DEVICES``) goes to the container; the assignment is kept in
+  the checkpoint's ``PodDeviceEntries`` and shown by pod-resources ``List`` until the pod goes.
+- ``PodResourcesLister`` (v1) on ``pod-resources/kubelet.sock``: ``List`` (the node's pods and
+  their containers' devices), ``GetAllocatableResources`` (healthy devices, one entry per
+  device with its NUMA node, as the kubelet answers) and ``Get``.
 - A restart removes every socket in the device-plugins directory (the plugin's too; regular
   files and the checkpoint stay), forgets registrations, reads the checkpoint back (its
   resources come back with capacity and allocatable 0 until their plugin registers again) and
-  serves a new ``kubelet.sock``.
+  serves a new ``kubelet.sock``. A restart the plugin is meant to miss (the lab fault
+  ``plugin_stale``) replaces the directory instead, as when /var/lib/kubelet is recreated under
+  a running plugin: the plugin's bind mount keeps the old directory, so its inotify watch never
+  sees the new ``kubelet.sock``.
 
 Both kubelet sockets are served by one grpc.aio server per node (the services are distinct;
 each socket answers both), all servers of the fleet share one event loop.
@@ -31,6 +39,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
@@ -46,7 +55,7 @@ from .klog import ContainerLog
 from .layout import CHECKPOINT_NAME, is_socket, remove_path, write_file_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .runtime import SimNode
+    from .agent import SimNode
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
@@ -101,16 +110,21 @@ class DeviceState:
     numa_node: Optional[int]
 
 
-@dataclass
-class Workload:
-    """A pod on this node that holds devices (for pod-resources List and the checkpoint)."""
+class AllocationError(Exception):
+    """The device manager cannot give a container its devices (the kubelet's message)."""
 
+
+@dataclass
+class Assignment:
+    """Devices the device manager gave one container of a pod (PodDeviceEntries)."""
+
+    pod_uid: str
     namespace: str
-    name: str
-    uid: str
+    pod: str
     container: str
     resource: str
     device_ids: List[str]
+    response: Any  # ContainerAllocateResponse
 
 
 @dataclass
@@ -122,6 +136,8 @@ class ResourceState:
     grace_timer: Optional[asyncio.TimerHandle] = None
     stream_task: Optional[asyncio.Task] = None
     channel: Optional[grpc.aio.Channel] = None
+    stub: Any = None
+    options: Any = None
     endpoint: str = ""
 
     def healthy_ids(self) -> List[str]:
@@ -129,7 +145,7 @@ class ResourceState:
 
 
 class Kubelet:
-    """One node's kubelet stand-in. All methods run on the fleet's event loop."""
+    """One node's device manager. All methods run on the fleet's event loop."""
 
     def __init__(self, node: "SimNode") -> None:
         self.node = node
@@ -137,6 +153,7 @@ class Kubelet:
         self.log = ContainerLog()
         self.running = False
         self.resources: Dict[str, ResourceState] = {}
+        self.assignments: List[Assignment] = []
         self._server: Optional[grpc.aio.Server] = None
         self.started_at: Optional[float] = None
 
@@ -145,6 +162,7 @@ class Kubelet:
     async def start(self) -> None:
         if self.running:
             return
+        os.makedirs(self.layout.device_plugin_dir, exist_ok=True)
         self._cleanup_plugin_directory()
         self._read_checkpoint()
         server = grpc.aio.server()
@@ -158,11 +176,11 @@ class Kubelet:
         self.running = True
         self.started_at = time.time()
         self.log.info("server.go:105", "Starting device plugin registration server")
-        self.push_node_status(ready=True)
+        self.node.resources_changed()
 
-    async def stop(self, ready_after: Optional[bool] = False) -> None:
-        """Stop serving; sockets removed, connections to plugins closed. The Node keeps its
-        capacity; ``ready_after`` is reported as the Ready condition (None: leave it)."""
+    async def stop(self) -> None:
+        """Stop serving; sockets removed, connections to plugins closed. The Node keeps what
+        it last reported."""
         if not self.running:
             return
         self.running = False
@@ -176,25 +194,42 @@ class Kubelet:
             self._server = None
         remove_path(self.layout.kubelet_socket)
         remove_path(self.layout.pod_resources_socket)
-        if ready_after is not None:
-            self.push_node_status(ready=ready_after)
 
     async def restart(self) -> None:
-        await self.stop(ready_after=None)
+        await self.stop()
+        missed = self.node.plugin_misses_kubelet_restart()
+        if missed is not None:
+            self._replace_plugin_directory(keep_plugin_sockets=missed == "kept")
         self.resources = {}
         await self.start()
 
     def _cleanup_plugin_directory(self) -> None:
         """CleanupPluginDirectory: every socket goes, the checkpoint and other files stay."""
         directory = self.layout.device_plugin_dir
-        keep_plugin_socket = self.node.keeps_plugin_socket_on_kubelet_restart()
         for name in os.listdir(directory):
             path = os.path.join(directory, name)
             if name == CHECKPOINT_NAME or not is_socket(path):
                 continue
-            if keep_plugin_socket and name != "kubelet.sock":
-                continue
+            if self.node.plugin_misses_kubelet_restart() == "kept" and name != "kubelet.sock":
+                continue  # a kubelet that did not clean up (lab fault plugin_stale socket=kept)
             remove_path(path)
+
+    def _replace_plugin_directory(self, keep_plugin_sockets: bool) -> None:
+        """The device-plugins directory recreated under the running plugin: its files move to a
+        new directory at the same path (plugin sockets only with ``keep_plugin_sockets``, as
+        links to the same socket: it still answers); the old one stays where the plugin's
+        mount holds it, and goes with the node."""
+        directory = self.layout.device_plugin_dir
+        old = "%s.replaced-%d" % (directory, time.time_ns())
+        os.rename(directory, old)
+        os.makedirs(directory)
+        for name in os.listdir(old):
+            source, target = os.path.join(old, name), os.path.join(directory, name)
+            if is_socket(source):
+                if keep_plugin_sockets and name != "kubelet.sock":
+                    os.link(source, target)
+            elif os.path.isfile(source):
+                shutil.copy2(source, target)
 
     def _read_checkpoint(self) -> None:
         """Resources of the last checkpoint come back with zero devices until re-registration."""
@@ -235,7 +270,7 @@ class Kubelet:
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout=10)
             stub = dp.DEVICE_PLUGIN.stub(channel)
-            await stub.GetDevicePluginOptions(dp.Empty(), timeout=10)
+            options = await stub.GetDevicePluginOptions(dp.Empty(), timeout=10)
         except (asyncio.TimeoutError, grpc.RpcError) as exc:
             await channel.close()
             err = "failed to get device plugin options: %s" % rpc_error_text(exc)
@@ -253,6 +288,8 @@ class Kubelet:
         resource.stopped_at = None
         resource.endpoint = request.endpoint
         resource.channel = channel
+        resource.stub = stub
+        resource.options = options
         resource.stream_task = asyncio.get_running_loop().create_task(self._consume(resource, stub))
         return None
 
@@ -269,7 +306,7 @@ class Kubelet:
                 self.log.info("manager.go:245", '"Processed ListAndWatch update" resourceName="%s" devices=%d healthy=%d'
                               % (resource.name, len(devices), len(resource.healthy_ids())))
                 self.write_checkpoint()
-                self.push_node_status(ready=True)
+                self.node.resources_changed()
                 if first:
                     first = False
                     self.node.on_plugin_registered(resource.name)
@@ -291,9 +328,10 @@ class Kubelet:
         if resource.channel is not None:
             asyncio.get_running_loop().create_task(resource.channel.close())
             resource.channel = None
+            resource.stub = None
         self.log.info("manager.go:289", '"Endpoint became unhealthy" resourceName="%s"' % resource.name)
         if self.running:
-            self.push_node_status(ready=True)
+            self.node.resources_changed()
 
     async def _disconnect(self, resource: ResourceState) -> None:
         task, resource.stream_task = resource.stream_task, None
@@ -307,12 +345,13 @@ class Kubelet:
         if resource.channel is not None:
             await resource.channel.close()
             resource.channel = None
+            resource.stub = None
 
     def _arm_grace(self, resource: ResourceState) -> None:
         if resource.grace_timer:
             resource.grace_timer.cancel()
         resource.grace_timer = asyncio.get_running_loop().call_later(
-            self.node.fleet.endpoint_grace_s, self._grace_expired, resource.name
+            self.node.endpoint_grace_s, self._grace_expired, resource.name
         )
 
     def _grace_expired(self, name: str) -> None:
@@ -323,7 +362,56 @@ class Kubelet:
         self.log.info("manager.go:565", '"Resource stopped past grace period, removing" resourceName="%s"' % name)
         if self.running:
             self.write_checkpoint()
-            self.push_node_status(ready=True)
+            self.node.resources_changed()
+
+    # ---- allocation --------------------------------------------------------------------------
+
+    async def allocate(self, pod_uid: str, namespace: str, pod: str, container: str, resource_name: str,
+                       count: int) -> Assignment:
+        """Devices for one container (devicesToAllocate, then the plugin's Allocate)."""
+        for held in self.assignments:
+            if (held.pod_uid, held.container, held.resource) == (pod_uid, container, resource_name):
+                return held
+        resource = self.resources.get(resource_name)
+        if resource is None or (not resource.devices and not resource.connected):
+            raise AllocationError("cannot allocate unregistered device %s" % resource_name)
+        busy = {d for a in self.assignments if a.resource == resource_name for d in a.device_ids}
+        available = sorted(d for d in resource.healthy_ids() if d not in busy)
+        if len(available) < count:
+            raise AllocationError("requested number of devices unavailable for %s. Requested: %d, Available: %d"
+                                  % (resource_name, count, len(available)))
+        if resource.stub is None:
+            raise AllocationError("device plugin for %s is not connected" % resource_name)
+        chosen = available[:count]
+        if resource.options is not None and resource.options.get_preferred_allocation_available:
+            request = dp.PreferredAllocationRequest(container_requests=[dp.ContainerPreferredAllocationRequest(
+                available_deviceIDs=available, must_include_deviceIDs=[], allocation_size=count)])
+            try:
+                answer = await resource.stub.GetPreferredAllocation(request, timeout=10)
+                preferred = list(answer.container_responses[0].deviceIDs) if answer.container_responses else []
+                if len(preferred) == count and set(preferred) <= set(available):
+                    chosen = preferred
+            except (grpc.RpcError, asyncio.TimeoutError, IndexError) as exc:
+                self.log.error("manager.go:1010", '"Failed to get preferred allocation" err="%s"' % rpc_error_text(exc))
+        try:
+            response = await resource.stub.Allocate(
+                dp.AllocateRequest(container_requests=[dp.ContainerAllocateRequest(devices_ids=chosen)]), timeout=10)
+        except (grpc.RpcError, asyncio.TimeoutError) as exc:
+            raise AllocationError("%s" % rpc_error_text(exc)) from None
+        if len(response.container_responses) != 1:
+            raise AllocationError("AllocateResponse has %d container responses, 1 expected"
+                                  % len(response.container_responses))
+        assignment = Assignment(pod_uid, namespace, pod, container, resource_name, chosen,
+                                response.container_responses[0])
+        self.assignments.append(assignment)
+        self.write_checkpoint()
+        return assignment
+
+    def release(self, pod_uid: str) -> None:
+        before = len(self.assignments)
+        self.assignments = [a for a in self.assignments if a.pod_uid != pod_uid]
+        if len(self.assignments) != before and self.running:
+            self.write_checkpoint()
 
     # ---- state out ------------------------------------------------------------------------
 
@@ -333,32 +421,25 @@ class Kubelet:
     def allocatable(self) -> Dict[str, str]:
         return {name: str(len(r.healthy_ids())) for name, r in self.resources.items()}
 
-    def push_node_status(self, ready: Optional[bool]) -> None:
-        self.node.fleet.call_hook(
-            "update_node_status", self.node.name, self.capacity(), self.allocatable(), ready
-        )
+    def numa_of(self, resource_name: str, device_id: str) -> Optional[int]:
+        resource = self.resources.get(resource_name)
+        device = resource.devices.get(device_id) if resource else None
+        return device.numa_node if device else None
 
     def checkpoint_document(self) -> Dict[str, Any]:
         entries = []
-        for workload in self.node.workloads.values():
+        for held in self.assignments:
             numa: Dict[str, List[str]] = {}
-            resource = self.resources.get(workload.resource)
-            for device_id in workload.device_ids:
-                device = resource.devices.get(device_id) if resource else None
-                key = str(device.numa_node if device and device.numa_node is not None else -1)
-                numa.setdefault(key, []).append(device_id)
-            alloc = dp.AllocateResponse(
-                container_responses=[
-                    dp.ContainerAllocateResponse(envs={"NVIDIA_VISIBLE_DEVICES": ",".join(workload.device_ids)})
-                ]
-            )
+            for device_id in held.device_ids:
+                node = self.numa_of(held.resource, device_id)
+                numa.setdefault(str(node if node is not None else -1), []).append(device_id)
             entries.append(
                 {
-                    "PodUID": workload.uid,
-                    "ContainerName": workload.container,
-                    "ResourceName": workload.resource,
+                    "PodUID": held.pod_uid,
+                    "ContainerName": held.container,
+                    "ResourceName": held.resource,
                     "DeviceIDs": numa,
-                    "AllocResp": base64.b64encode(alloc.SerializeToString()).decode(),
+                    "AllocResp": base64.b64encode(held.response.SerializeToString()).decode(),
                 }
             )
         data = {
@@ -383,6 +464,8 @@ class Kubelet:
                 }
                 for name, r in self.resources.items()
             },
+            "assignments": ["%s/%s %s %s=%s" % (a.namespace, a.pod, a.container, a.resource, ",".join(a.device_ids))
+                            for a in self.assignments],
         }
 
 
@@ -414,36 +497,20 @@ class _PodResourcesServicer:
         self.kubelet = kubelet
 
     def _pods(self) -> List[Any]:
-        node = self.kubelet.node
+        kubelet = self.kubelet
         pods = []
-        plugin = node.plugin_pod
-        if plugin is not None and not plugin.deleted:
-            pods.append(
-                pr.PodResources(
-                    name=plugin.name,
-                    namespace=plugin.namespace,
-                    containers=[pr.ContainerResources(name=plugin.container_name)],
-                )
-            )
-        for workload in node.workloads.values():
-            resource = self.kubelet.resources.get(workload.resource)
-            devices = []
-            for device_id in workload.device_ids:
-                device = resource.devices.get(device_id) if resource else None
-                devices.append(
-                    pr.ContainerDevices(
-                        resource_name=workload.resource,
-                        device_ids=[device_id],
-                        topology=_topology(device.numa_node if device else None),
-                    )
-                )
-            pods.append(
-                pr.PodResources(
-                    name=workload.name,
-                    namespace=workload.namespace,
-                    containers=[pr.ContainerResources(name=workload.container, devices=devices)],
-                )
-            )
+        for namespace, name, uid, containers in kubelet.node.pod_resources_view():
+            entries = []
+            for container in containers:
+                devices = []
+                for held in kubelet.assignments:
+                    if held.pod_uid != uid or held.container != container:
+                        continue
+                    for device_id in held.device_ids:
+                        devices.append(pr.ContainerDevices(resource_name=held.resource, device_ids=[device_id],
+                                                           topology=_topology(kubelet.numa_of(held.resource, device_id))))
+                entries.append(pr.ContainerResources(name=container, devices=devices))
+            pods.append(pr.PodResources(name=name, namespace=namespace, containers=entries))
         return pods
 
     async def List(self, request: Any, context: Any) -> Any:  # noqa: N802

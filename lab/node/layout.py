@@ -23,6 +23,12 @@ CONTAINERD_CONFIG = "etc/containerd/config.toml"
 NVIDIA_RUNTIME_BINARY = "usr/bin/nvidia-container-runtime"
 PROC_DRIVER_VERSION = "proc/driver/nvidia/version"
 
+# What the kubelet and the container runtime write under a node root on their own (pod volumes,
+# container logs, the runtime's container state, the device manager's checkpoint): a snapshot
+# of what the collection changed on a node leaves these out.
+KUBELET_OWNED = ("var/lib/kubelet/pods/", "var/log/pods/", "run/containerd/",
+                 DEVICE_PLUGIN_DIR + "/" + CHECKPOINT_NAME, DEVICE_PLUGIN_DIR + ".replaced-")
+
 # Paths as the plugin container sees them (its log shows these, never the lab's node root).
 CONTAINER_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 

@@ -66,9 +66,9 @@ try:
 except ImportError:  # PyYAML comes with ansible-core; JSON is valid YAML for the plugin all the same
     yaml = None
 
-# What NVIDIA's static manifest pins (deployments/static/nvidia-device-plugin.yml, v0.17.1).
+# What NVIDIA's static manifest pins (deployments/static/nvidia-device-plugin.yml, v0.17.4).
 DEFAULT_IMAGE = "nvcr.io/nvidia/k8s-device-plugin"
-DEFAULT_TAG = "v0.17.1"
+DEFAULT_TAG = "v0.17.4"
 DEFAULT_NAME = "nvidia-device-plugin-daemonset"
 DEFAULT_NAMESPACE = "kube-system"
 DEFAULT_CONFIG_MAP = "nvidia-device-plugin-config"

@@ -291,8 +291,15 @@ class NodeLease:
         return LeaseRecord.from_object(dict(obj, spec=spec) if self.check_mode else obj)
 
     def delete(self, record: LeaseRecord) -> None:
-        body = {"preconditions": {"resourceVersion": record.resource_version}} if record.resource_version else None
-        call_json(self.client, "delete " + self.ref, self.client.request, "DELETE", self.path, self._dry_run(), body)
+        # A DELETE with a body takes its DeleteOptions from the body alone (the API server then
+        # ignores the query's dryRun): check mode's dryRun goes into the body too.
+        body: Dict[str, Any] = {}
+        if record.resource_version:
+            body["preconditions"] = {"resourceVersion": record.resource_version}
+        if self.check_mode:
+            body["dryRun"] = ["All"]
+        call_json(self.client, "delete " + self.ref, self.client.request, "DELETE", self.path, self._dry_run(),
+                  body or None)
 
     # --- states ------------------------------------------------------------------------------
     def acquire(self) -> Dict[str, Any]:

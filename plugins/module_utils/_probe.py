@@ -366,10 +366,11 @@ def probe_plugin(path: str, deadline: float) -> PluginAnswer:
                                 seconds=time.monotonic() - started)
         finally:
             stream.cancel()
+        # sorted by ID: NVIDIA's plugin sends its devices in Go map order, different on each call
         devices = tuple(
             PluginDevice(id=device.ID, health=device.health,
                          numa_nodes=_numa_nodes(device.topology if device.HasField("topology") else None))
-            for device in first.devices
+            for device in sorted(first.devices, key=lambda device: device.ID)
         )
         return PluginAnswer(options=options, devices=devices, seconds=time.monotonic() - started)
     finally:
@@ -425,7 +426,7 @@ def probe_pod_resources(path: str, deadline: float) -> PodResourcesAnswer:
             merged: Dict[str, List[str]] = {}
             for devices in reply.devices:
                 _merge_ids(merged, devices.resource_name, list(devices.device_ids))
-            allocatable = {name: tuple(ids) for name, ids in merged.items()}
+            allocatable = {name: tuple(sorted(ids)) for name, ids in merged.items()}  # the kubelet's order is a map's
         if allocatable_failure is not None and allocatable_failure.code == "DEADLINE_EXCEEDED":
             return PodResourcesAnswer(allocatable_failure=allocatable_failure, list_failure=allocatable_failure)
         started = time.monotonic()

@@ -234,8 +234,13 @@ class PluginRestart:
             raise
 
     def _delete(self, pod: PodView, dry_run: bool) -> None:
-        kwargs: Dict[str, Any] = {"body": {"preconditions": {"uid": pod.uid}}}
+        # A DELETE with a body takes its DeleteOptions from the body alone: the API server ignores
+        # the query parameters then, so dryRun goes into the body beside the precondition (and on
+        # the URL too, where the audit log shows it).
+        body: Dict[str, Any] = {"preconditions": {"uid": pod.uid}}
+        kwargs: Dict[str, Any] = {"body": body}
         if dry_run:
+            body["dryRun"] = ["All"]
             kwargs["dry_run"] = "All"
         try:
             call_json(self.client, "delete pod %s/%s" % (pod.namespace, pod.name),
@@ -270,7 +275,8 @@ class PluginRestart:
         result.update(new_pod=new_pod.to_dict(), waited_seconds=round(deadline.elapsed, 3),
                       advertised=advertised.to_dict())
         if node.value is None:
-            raise self._advertised_timeout(node.objects, advertised, result)
+            raise self._not_ready_after_all(new_pod, result) or self._advertised_timeout(node.objects, advertised,
+                                                                                         result)
         result["msg"] = "node %s: device plugin pod %s Ready; %s allocatable %s" % (
             request.node, new_pod.name, request.resource_name, advertised.allocatable)
         return result
@@ -317,7 +323,8 @@ class PluginRestart:
                       advertised=advertised.to_dict())
         result["diff"]["after"] = {"pod": new_pod.name, "uid": new_pod.uid}
         if node.value is None:
-            raise self._advertised_timeout(node.objects, advertised, result)
+            raise self._not_ready_after_all(new_pod, result) or self._advertised_timeout(node.objects, advertised,
+                                                                                         result)
         result["msg"] = ("node %s: device plugin pod %s replaced by %s; %s allocatable %s"
                          % (request.node, old[0].name, new_pod.name, request.resource_name, advertised.allocatable))
         return result
@@ -350,6 +357,26 @@ class PluginRestart:
             action="read its log (kubectl -n %s logs %s) and check the driver and runtime steps"
                    % (request.namespace, new.name),
             node=request.node, old_pod=old.to_dict(), new_pod=new.to_dict(), waited_seconds=round(deadline.elapsed, 3))
+
+    def _not_ready_after_all(self, new_pod: PodView, result: Dict[str, Any]) -> Optional[GpuNodeError]:
+        """When the Node never advertised: the replacement as the API shows it now. A container
+        that starts and exits (a plugin that cannot initialise NVML) makes its pod Ready for a
+        moment before the kubelet reports the exit and the back-off: then the pod is the cause,
+        not the Node. None when the pod is still Ready."""
+        request = self.request
+        items, _version = self._pods().list()
+        now = next((view for view in (PodView.from_object(pod) for pod in items) if view.uid == new_pod.uid), None)
+        problem = "it was deleted" if now is None else now.problem()
+        if problem is None:
+            return None
+        result["new_pod"] = now.to_dict() if now is not None else result["new_pod"]
+        details = {k: v for k, v in result.items() if k in ("node", "old_pod", "new_pod", "waited_seconds", "advertised")}
+        return K8sTimeoutError(
+            "node %s: new device plugin pod %s is not Ready after %ds (it was Ready for a moment): %s"
+            % (request.node, new_pod.name, request.timeout, problem),
+            action="read its log (kubectl -n %s logs %s --previous) and check the driver and runtime steps"
+                   % (request.namespace, new_pod.name),
+            **details)
 
     def _advertised_timeout(self, objects: Objects, advertised: Advertised, result: Dict[str, Any]) -> GpuNodeError:
         request = self.request

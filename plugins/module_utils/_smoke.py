@@ -6,7 +6,8 @@
 
 The pod goes through the scheduler (required node affinity on ``metadata.name``, the way the
 DaemonSet controller pins its pods), so an unschedulable pod, for example one the node has no
-free GPU for, is reported as such. The wait is LIST + WATCH of that one pod (:mod:`._wait`)
+free GPU for, is reported as such once that has held for ``UNSCHEDULABLE_SETTLE_S`` (the
+scheduler's view of the Node may lag an update, and it tries again). The wait is LIST + WATCH of that one pod (:mod:`._wait`)
 until the pod reaches a final outcome (:func:`classify_pod`) or the deadline passes. The pod is
 deleted afterwards in every case, also when the wait fails.
 """
@@ -52,6 +53,10 @@ UNSCHEDULABLE = "unschedulable"
 CONTAINER_ERROR = "container_error"
 TIMEOUT = "timeout"
 FINAL = (SUCCEEDED, FAILED, UNSCHEDULABLE, CONTAINER_ERROR)
+# The scheduler may find the node without a free GPU for a moment (its view of the Node lags the
+# API by an update) and schedules the pod at its next try: "Unschedulable" counts as final only
+# when it still holds after this long.
+UNSCHEDULABLE_SETTLE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -280,7 +285,10 @@ class SmokeTest:
         pods = ListWatch(self.client, "smoke pod %s/%s" % (request.namespace, name),
                          self.client.core.list_namespaced_pod, request.namespace,
                          field_selector="metadata.name=%s" % name)
-        waited = wait_until(pods, self._final, deadline)
+        settle = Deadline(min(UNSCHEDULABLE_SETTLE_S, request.timeout), self.clock)
+        waited = wait_until(pods, self._final_once_scheduled, settle)
+        if waited.value is None and not deadline.expired:
+            waited = wait_until(pods, self._final, deadline)
         pod = waited.objects.get("%s/%s" % (request.namespace, name))
         outcome = waited.value or timed_out(pod, request.timeout)
         events = self.events(name)
@@ -311,6 +319,11 @@ class SmokeTest:
         pod = next(iter(objects.values()), None)
         outcome = classify_pod(pod)
         return outcome if outcome.final else None
+
+    def _final_once_scheduled(self, objects: Objects) -> Optional[SmokeOutcome]:
+        """Final outcomes but "Unschedulable", which may be the scheduler's passing view."""
+        outcome = self._final(objects)
+        return outcome if outcome is not None and outcome.state != UNSCHEDULABLE else None
 
 
 def run_smoke_test(client: Any, request: SmokeRequest, check_mode: bool) -> Dict[str, Any]:

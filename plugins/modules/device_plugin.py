@@ -71,7 +71,7 @@ options:
       - Image tag, or a digest C(sha256:<64 hex digits>) (then the image is referenced as C(repository@digest)).
       - The default is the version NVIDIA's static manifest pins.
     type: str
-    default: v0.17.1
+    default: v0.17.4
   image_pull_policy:
     description:
       - The container's C(imagePullPolicy). Unset, the API server's default applies (V(IfNotPresent) for a tag
@@ -319,7 +319,7 @@ image:
   description: The container image reference.
   returned: always
   type: str
-  sample: nvcr.io/nvidia/k8s-device-plugin:v0.17.1
+  sample: nvcr.io/nvidia/k8s-device-plugin:v0.17.4
 rollout:
   description: The rollout as the wait saw it last.
   returned: when O(wait) is true, O(state=present) and not in check mode

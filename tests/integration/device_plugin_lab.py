@@ -1,127 +1,173 @@
-"""Shared by the integration tests of device_plugin, device_plugin_info and gpu_node: an in-process
-lab API server (optionally with a scripted node runtime that stands in for the plugin process:
-pod status, advertised resources, log text), and ansible-playbook runs against it."""
+"""Shared by the integration tests of the API and node modules (device_plugin, device_plugin_info,
+gpu_node, device_plugin_restart, gpu_smoke_test, device_plugin_probe, node_info, nvml_info,
+container_runtime_info): a real lab fleet for one test module (tests/integration/lab_fleet.py: the
+real kube-apiserver, controllers and scheduler of Kubernetes v1.37.2, simulated kubelets running
+NVIDIA's real device plugin v0.17.4), the device plugin deployed as the collection renders it,
+waits on what the real components do, what the audit log says was stored, and ansible-playbook
+runs of the targets against the fleet."""
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-ROOT = Path(__file__).resolve().parents[2]
-for _path in (ROOT / ".build", ROOT):
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+for _path in (ROOT / ".build", ROOT, HERE):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from lab.apiserver import LabApiServer  # noqa: E402
-from lab.contracts import NodeSpec, PluginPodStatus  # noqa: E402
+from ansible_collections.gpunode.bringup.plugins.module_utils._device_plugin import (  # noqa: E402
+    DevicePluginSpec,
+    config_text,
+    render_config_map,
+    render_daemonset,
+    spec_from_params,
+)
+from lab_fleet import LabFleet  # noqa: E402
 
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
 ANSIBLE_PLAYBOOK = str(Path(PYTHON).parent / "ansible-playbook")
-TARGETS = ROOT / "tests" / "integration" / "targets"
-GPU_LABELS = {"nvidia.com/gpu.present": "true"}
+TARGETS = HERE / "targets"
 GPU = "nvidia.com/gpu"
-
-
-def klog(severity: str, source: str, message: str) -> str:
-    return "%s0110 11:59:00.000000       1 %s] %s" % (severity, source, message)
-
-
-# The plugin's own lines (NVIDIA/k8s-device-plugin), per situation.
-START = [klog("I", "main.go:235", "Starting FS watcher."), klog("I", "main.go:257", "Starting Plugins."),
-         klog("I", "main.go:314", "Loading configuration.")]
-REGISTERED = START + [
-    klog("I", "server.go:110", "Starting to serve 'nvidia.com/gpu' on /var/lib/kubelet/device-plugins/nvidia-gpu.sock"),
-    klog("I", "server.go:117", "Registered device plugin for 'nvidia.com/gpu' with Kubelet")]
-LOGS = {
-    "registered": REGISTERED,
-    "nvml_init_failed": START + [klog("E", "main.go:132", "error starting plugins: error creating plugin manager: "
-                                      "unable to create plugin manager: failed to initialize NVML: "
-                                      "ERROR_DRIVER_NOT_LOADED")],
-    "incompatible_strategy": START + [klog("E", "factory.go:135", "Incompatible strategy detected auto"),
-                                      klog("I", "main.go:346", "No devices found. Waiting indefinitely.")],
-    "no_devices": START + [klog("I", "main.go:346", "No devices found. Waiting indefinitely.")],
-    "registration_failed": START + [
-        klog("E", "server.go:121", "Could not register device plugin: rpc error: code = Unavailable desc = "
-             "dial unix /var/lib/kubelet/device-plugins/kubelet.sock: connect: no such file or directory"),
-        klog("I", "main.go:268", "Failed to start one or more plugins. Retrying in 30s...")],
-    "xid_unhealthy": REGISTERED + [klog("I", "health.go:159", "XidCriticalError: Xid=79 on Device=GPU-0000; "
-                                        "marking device as unhealthy.")],
-    "kubelet_restart_seen": REGISTERED + [klog("I", "main.go:283", "inotify: /var/lib/kubelet/device-plugins/"
-                                               "kubelet.sock created, restarting.")],
-    "unknown": [klog("I", "main.go:100", "something else entirely")],
-}
-
-
-@dataclass
-class NodeScript:
-    """What the scripted runtime makes of a plugin pod on one node."""
-
-    status: PluginPodStatus = field(default_factory=lambda: PluginPodStatus(running=True, ready=True))
-    log: List[str] = field(default_factory=lambda: list(REGISTERED))
-    capacity: Optional[Dict[str, str]] = None  # None: the node's gpu_count, healthy
-    allocatable: Optional[Dict[str, str]] = None
-
-
-def crash_loop(exit_code: int = 1, restarts: int = 4) -> PluginPodStatus:
-    return PluginPodStatus(running=False, ready=False, restart_count=restarts, waiting_reason="CrashLoopBackOff",
-                           last_exit_code=exit_code, last_reason="Error")
-
-
-class ScriptedRuntime:
-    """A lab NodeRuntime without processes: each started plugin pod gets its node's scripted
-    status, resources and log at once."""
-
-    def __init__(self, scripts: Optional[Dict[str, NodeScript]] = None) -> None:
-        self.scripts = dict(scripts or {})
-        self.store: Any = None
-        self.logs: Dict[str, str] = {}
-
-    def start_plugin_pod(self, node: str, pod: Dict[str, Any]) -> None:
-        script = self.scripts.get(node, NodeScript())
-        meta = pod["metadata"]
-        self.logs[meta["name"]] = "\n".join(script.log) + "\n"
-        spec = self.store.node_specs.get(node)
-        count = str(spec.gpu_count if spec else 8)
-        capacity = {GPU: count} if script.capacity is None else script.capacity
-        allocatable = capacity if script.allocatable is None else script.allocatable
-        self.store.update_node_status(node, capacity, allocatable)
-        self.store.update_pod_status(meta["namespace"], meta["name"], script.status)
-
-    def stop_plugin_pod(self, node: str, pod_name: str) -> None:
-        self.logs.pop(pod_name, None)
-
-    def pod_log(self, node: str, pod_name: str, tail_lines: Optional[int] = None) -> str:
-        return self.logs.get(pod_name, "")
+GPU_LABEL = "nvidia.com/gpu.present"
+NS = "kube-system"
+MERGE_PATCH = "application/merge-patch+json"
 
 
 @contextmanager
-def lab_cluster(state_dir: Path, nodes: List[NodeSpec], runtime: Optional[ScriptedRuntime] = None,
-                namespaces: Tuple[str, ...] = ()) -> Iterator[Tuple[LabApiServer, str]]:
-    """A started lab API server with the nodes (and extra namespaces) and a kubeconfig for it."""
-    server = LabApiServer(str(state_dir / "apiserver"), runtime=runtime)
-    if runtime is not None:
-        runtime.store = server.store
-    server.start()
+def lab_fleet(**options: Any) -> Iterator[LabFleet]:
+    """A started LabFleet (``python -m lab up`` in its own state dir), always taken down."""
+    fleet = LabFleet(**options).up()
     try:
-        server.store.add_nodes(nodes)
-        for namespace in namespaces:
-            server.store.create_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-        kubeconfig = server.write_kubeconfig(str(state_dir / "kubeconfig"))
-        yield server, kubeconfig
+        yield fleet
     finally:
-        server.stop()
+        fleet.down()
 
 
-def gpu_nodes(count: int, root: Path, prefix: str = "gpu") -> List[NodeSpec]:
-    return [NodeSpec(name="%s-%03d" % (prefix, i), root=str(root), gpu_count=8, labels=dict(GPU_LABELS))
-            for i in range(count)]
+def wait_until(what: str, probe: Callable[[], Any], timeout: float = 120.0, pause: float = 0.3) -> Any:
+    """``probe()`` until it returns something true (returned); fails naming ``what`` on the timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError("lab: %s not reached after %ds (last: %s)" % (what, timeout, str(last)[:2000]))
+        time.sleep(pause)
 
+
+def nothing_listens(path: str) -> bool:
+    """No socket at ``path``, or one nobody listens on: what a plugin that crashed (SIGKILL leaves
+    its socket file behind) or never served leaves."""
+    if not os.path.lexists(path):
+        return True
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return True
+        except OSError:
+            return False
+    return False
+
+
+# ---- the device plugin as the collection renders it, applied by the lab's administrator ------------
+
+def plugin_spec(**params: Any) -> DevicePluginSpec:
+    return spec_from_params(params) if params else DevicePluginSpec()
+
+
+def deploy_plugin(fleet: LabFleet, spec: Optional[DevicePluginSpec] = None) -> DevicePluginSpec:
+    """The collection's ConfigMap and DaemonSet, server-side applied through kubectl (field
+    manager lab-test), for the tests whose subject is not the device_plugin module."""
+    spec = spec or DevicePluginSpec()
+    text = config_text(spec.config)
+    fleet.apply(render_config_map(spec, text))
+    fleet.apply(render_daemonset(spec, text))
+    return spec
+
+
+def remove_plugin(fleet: LabFleet, spec: DevicePluginSpec, timeout: float = 120.0) -> None:
+    """Delete the DaemonSet and its ConfigMap, and wait until the garbage collector and the
+    kubelets have removed its pods."""
+    base = "/apis/apps/v1/namespaces/%s/daemonsets/%s" % (spec.namespace, spec.name)
+    if fleet.api(base, missing_ok=True) is not None:
+        fleet.api(base, "DELETE", {"propagationPolicy": "Background"}, missing_ok=True)
+    fleet.api("/api/v1/namespaces/%s/configmaps/%s" % (spec.namespace, spec.config_map_name), "DELETE",
+              missing_ok=True)
+    wait_until("the pods of DaemonSet %s/%s gone" % (spec.namespace, spec.name),
+               lambda: not plugin_pods(fleet, spec) and fleet.api(base, missing_ok=True) is None, timeout)
+
+
+def selector(spec: DevicePluginSpec) -> str:
+    return ",".join("%s=%s" % item for item in sorted(spec.selector_labels.items()))
+
+
+def plugin_pods(fleet: LabFleet, spec: Optional[DevicePluginSpec] = None) -> List[Dict[str, Any]]:
+    """The DaemonSet's pods as the API lists them (a request counted in the audit log)."""
+    spec = spec or DevicePluginSpec()
+    answer = fleet.api("/api/v1/namespaces/%s/pods?labelSelector=%s" % (spec.namespace, selector(spec)))
+    return list(answer.get("items") or [])
+
+
+def pods_on(pods: List[Dict[str, Any]], node: str) -> List[Dict[str, Any]]:
+    return [p for p in pods if (p.get("spec") or {}).get("nodeName") == node]
+
+
+def pod_ready(pod: Dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    return status.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def node_object(fleet: LabFleet, node: str) -> Dict[str, Any]:
+    return fleet.api("/api/v1/nodes/%s" % node)
+
+
+def patch_node(fleet: LabFleet, node: str, patch: Dict[str, Any]) -> Dict[str, Any]:
+    """A JSON merge patch of the Node as the administrator (``None`` removes a key)."""
+    return fleet.api("/api/v1/nodes/%s" % node, "PATCH", patch, content_type=MERGE_PATCH)
+
+
+def create_namespace(fleet: LabFleet, name: str) -> None:
+    if fleet.api("/api/v1/namespaces/%s" % name, missing_ok=True) is None:
+        fleet.api("/api/v1/namespaces", "POST", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+
+def daemonset(fleet: LabFleet, namespace: str = NS, name: str = "nvidia-device-plugin-daemonset") -> Optional[Dict[str, Any]]:
+    return fleet.api("/apis/apps/v1/namespaces/%s/daemonsets/%s" % (namespace, name), missing_ok=True)
+
+
+def config_map(fleet: LabFleet, namespace: str = NS, name: str = "nvidia-device-plugin-config") -> Optional[Dict[str, Any]]:
+    return fleet.api("/api/v1/namespaces/%s/configmaps/%s" % (namespace, name), missing_ok=True)
+
+
+def stored_writes(fleet: LabFleet) -> List[Tuple[str, str, int]]:
+    """Writes since the last reset that the API server stored (not dry runs, not refused):
+    (verb, resource, HTTP code) from the audit log."""
+    assert fleet.audit is not None
+    writes = []
+    for event in fleet.audit.events():
+        ref = event.get("objectRef") or {}
+        code = int((event.get("responseStatus") or {}).get("code") or 0)
+        if event.get("verb") in ("create", "update", "patch", "delete", "deletecollection") \
+                and "dryRun=All" not in event.get("requestURI", "") and code < 400:
+            resource = ref.get("resource", "") + ("/" + ref["subresource"] if ref.get("subresource") else "")
+            writes.append((event["verb"], resource, code))
+    return writes
+
+
+# ---- ansible-playbook on localhost ----------------------------------------------------------------
 
 def ansible_env(work: Path) -> Dict[str, str]:
     link = ROOT / ".build" / "ansible_collections" / "gpunode" / "bringup"
@@ -137,14 +183,17 @@ def ansible_env(work: Path) -> Dict[str, str]:
                ANSIBLE_DEPRECATION_WARNINGS="false", ANSIBLE_NOCOLOR="1", ANSIBLE_RETRY_FILES_ENABLED="false",
                ANSIBLE_PIPELINING="true")
     env.pop("K8S_AUTH_KUBECONFIG", None)
+    env.pop("PYTHONPATH", None)
     return env
 
 
-def run_playbook(playbook: Path, work: Path, extra_vars: Dict[str, Any], timeout: float = 240
+def run_playbook(playbook: Path, work: Path, extra_vars: Dict[str, Any], timeout: float = 600
                  ) -> Tuple[subprocess.CompletedProcess, Dict[str, Any]]:
     """Run a playbook on localhost; it writes its registered results to ``results_file``."""
     results_file = work / ("%s.results.json" % playbook.stem)
     vars_file = work / ("%s.vars.json" % playbook.stem)
+    if results_file.exists():
+        results_file.unlink()
     vars_file.write_text(json.dumps(dict(extra_vars, results_file=str(results_file))))
     proc = subprocess.run(
         [ANSIBLE_PLAYBOOK, "-i", "localhost,", "-c", "local", "-e", "ansible_python_interpreter=" + PYTHON,

@@ -1,36 +1,33 @@
 """Helpers of the hardening suites (test_bad_input, test_rbac, test_no_log).
 
-- ``TokenLabFleet``: a full lab fleet (a ``LabFleet``) whose daemon also hands out restricted
-  bearer tokens. The lab daemon's control socket has no operation for that, so this module runs
-  ``lab.daemon.LabDaemon`` through a subclass that answers one more request,
-  ``{"op": "add_token", "service_account": "ns:name", "rules": [...], "kubeconfig": path}``
-  (the API server's ``add_service_account_token`` + ``write_kubeconfig``; ``"admin": true`` and
-  ``"token": "..."`` instead of rules: an admin token of that value, ``add_token``). Everything else is the
-  lab's own daemon: same state dir layout, ``lab.json``, inventory, ``python -m lab break/fix/down``.
+- Restricted identities on the lab's real API server: docs/rbac.yaml (a ``kind: List`` holding
+  the ServiceAccount kube-system/gpunode-bringup, its Roles and ClusterRole and the bindings to
+  it) applied as it is, a TokenRequest token of that ServiceAccount in a kubeconfig
+  (``LabFleet.service_account_kubeconfig``). ``manifest_rules`` lists the rules of the manifest's
+  Roles and ClusterRoles (where each one is, to edit a copy: ``without_rule``); nothing here
+  decides what a rule allows, the API server's RBAC authorizer does. ``wait_authorized`` waits
+  until the authorizer answers SubjectAccessReviews as expected after a role changed.
+- ``admin_service_account``: a ServiceAccount bound to cluster-admin and its token, a token string
+  the tests know.
 - TLS material made with ``cryptography``: an expired server certificate and a loopback TLS
   server presenting it, a CA that did not sign the lab's server certificate.
-- ``run_tasks``: one ansible-playbook process for many tasks, each registered into a JSON file.
-
-``python tests/integration/hardening_lab.py daemon --state-dir DIR [--nodes N] [--scenario S]``
-runs the daemon in the foreground (``TokenLabFleet.up`` starts it in its own session).
+- ``run_playbook_text``: one ansible-playbook process for many tasks, each registered into a JSON file.
 """
 from __future__ import annotations
 
-import argparse
 import base64
+import copy
 import datetime
-import json
-import logging
-import os
-import signal
+import re
 import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 for _path in (ROOT / ".build", ROOT):
@@ -39,122 +36,201 @@ for _path in (ROOT / ".build", ROOT):
 
 import yaml  # noqa: E402
 
-from lab_fleet import PYTHON, VENV_BIN, LabFleet  # noqa: E402
+from lab_fleet import VENV_BIN, LabFleet  # noqa: E402
 
-SERVICE_ACCOUNT = "kube-system:gpunode-bringup"
 RBAC_YAML = ROOT / "docs" / "rbac.yaml"
+SERVICE_ACCOUNT_NAMESPACE = "kube-system"
+SERVICE_ACCOUNT_NAME = "gpunode-bringup"
+SERVICE_ACCOUNT_USER = "system:serviceaccount:%s:%s" % (SERVICE_ACCOUNT_NAMESPACE, SERVICE_ACCOUNT_NAME)
+ROLE_KINDS = ("Role", "ClusterRole")
+BINDING_KINDS = {"RoleBinding": "Role", "ClusterRoleBinding": "ClusterRole"}
+
+
+def hardening_fleet(nodes: int, scenario: str = "healthy") -> LabFleet:
+    """A LabFleet (not started) whose ansible-playbook runs use pipelining: one process per task
+    on the local connection, no module copy."""
+    fleet = LabFleet(nodes=nodes, scenario=scenario)
+    fleet.env["ANSIBLE_PIPELINING"] = "1"
+    return fleet
 
 
 # ---------------------------------------------------------------------------------------------
-# A lab daemon that can add restricted tokens
+# docs/rbac.yaml and its rules
 
-def _token_daemon_class() -> Any:
-    from lab.daemon import LabDaemon
-
-    class TokenLabDaemon(LabDaemon):
-        """The lab daemon plus the ``add_token`` control request."""
-
-        def handle(self, request: Dict[str, Any]) -> Dict[str, Any]:
-            if request.get("op") != "add_token":
-                return super().handle(request)
-            try:
-                if request.get("admin"):
-                    token = self.api.add_token(token=request.get("token"))
-                else:
-                    token = self.api.add_service_account_token(
-                        request.get("service_account") or SERVICE_ACCOUNT, rules=list(request.get("rules") or []),
-                        token=request.get("token"))
-                path = self.api.write_kubeconfig(request["kubeconfig"], token=token)
-                return {"ok": True, "token": token, "kubeconfig": path}
-            except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
-                return {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}
-
-    return TokenLabDaemon
+def rbac_manifest(path: Path = RBAC_YAML) -> Dict[str, Any]:
+    """The manifest as one document (a ``kind: List``)."""
+    manifest = yaml.safe_load(path.read_text())
+    assert manifest.get("kind") == "List", "%s is not one kind: List document" % path
+    return manifest
 
 
-def daemon_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="hardening_lab.py daemon")
-    parser.add_argument("--state-dir", required=True)
-    parser.add_argument("--nodes", type=int)
-    parser.add_argument("--scenario", default="healthy")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    daemon = _token_daemon_class()(args.state_dir, args.nodes, args.scenario)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda *_: daemon.request_stop())
-    try:
-        daemon.start()
-    except Exception:  # noqa: BLE001
-        logging.exception("token lab daemon failed to start")
-        daemon.stop()
-        return 1
-    daemon.serve_forever()
-    daemon.stop()
-    return 0
+@dataclass(frozen=True)
+class RuleRef:
+    """One rule of a Role or ClusterRole of the manifest: where it is, and what it says."""
+
+    kind: str  # Role | ClusterRole
+    role: str
+    namespace: Optional[str]  # None for a ClusterRole
+    item: int  # index of the role in the List's items
+    index: int  # index of the rule in the role's rules
+    api_groups: Tuple[str, ...]
+    resources: Tuple[str, ...]
+    verbs: Tuple[str, ...]
+
+    @property
+    def key(self) -> Tuple[str, str, str, Tuple[str, ...]]:
+        return (self.namespace or "*", ",".join(self.api_groups), ",".join(self.resources), self.verbs)
+
+    @property
+    def id(self) -> str:
+        namespace, group, resources, verbs = self.key
+        return "%s:%s%s:%s" % (namespace, group + "/" if group else "", resources, "+".join(verbs))
+
+    def permissions(self) -> List[Tuple[Optional[str], str, str, str]]:
+        """(namespace, API group, resource, verb) of every combination the rule names."""
+        return [(self.namespace, group, resource, verb) for group in self.api_groups for resource in self.resources
+                for verb in self.verbs]
 
 
-class TokenLabFleet(LabFleet):
-    """A ``LabFleet`` whose daemon hands out tokens bound to RBAC rules."""
-
-    def __init__(self, nodes: int = 4, scenario: str = "healthy") -> None:
-        super().__init__(nodes, scenario)
-        self.env["ANSIBLE_PIPELINING"] = "1"  # one process per task on the local connection, no copy
-
-    def up(self) -> "TokenLabFleet":
-        from lab.cli import _daemon_env
-        from lab.daemon import control_request
-
-        self._control_request = control_request
-        env = _daemon_env()
-        command = [PYTHON, str(Path(__file__).resolve()), "daemon", "--state-dir", str(self.state_dir),
-                   "--nodes", str(self.nodes), "--scenario", self.scenario]
-        log_path = self.state_dir / "daemon.log"
-        with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
-            process = subprocess.Popen(command, cwd=str(ROOT), env=env, stdin=devnull, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-        (self.state_dir / "daemon.pid").write_text("%d\n" % process.pid)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                info = json.loads((self.state_dir / "lab.json").read_text())
-            except (OSError, ValueError):
-                info = {}
-            if info.get("ready") and info.get("pids", {}).get("daemon") == process.pid:
-                self.info = info
-                return self
-            if process.poll() is not None:
-                raise AssertionError("token lab daemon exited: %s" % log_path.read_text()[-3000:])
-            time.sleep(0.05)
-        self.down()
-        raise AssertionError("token lab daemon not ready after 120 s: %s" % log_path.read_text()[-3000:])
-
-    def kubeconfig_for(self, rules: Sequence[Dict[str, Any]], name: str) -> str:
-        """A kubeconfig whose token is ServiceAccount kube-system:gpunode-bringup bound to ``rules``."""
-        answer = self._control_request(str(self.state_dir), {
-            "op": "add_token", "service_account": SERVICE_ACCOUNT, "rules": list(rules),
-            "kubeconfig": str(self.state_dir / ("kubeconfig-%s" % name))})
-        assert answer.get("ok"), answer
-        return answer["kubeconfig"]
-
-    def admin_token(self, token: str, name: str) -> str:
-        """Accept ``token`` as another admin token; returns the path of a kubeconfig holding it."""
-        answer = self._control_request(str(self.state_dir), {
-            "op": "add_token", "admin": True, "token": token, "kubeconfig": str(self.state_dir / ("kubeconfig-%s" % name))})
-        assert answer.get("ok"), answer
-        return answer["kubeconfig"]
-
-    def forbidden(self) -> Dict[str, Dict[str, int]]:
-        return self.counters().get("forbidden") or {}
-
-    def forbidden_requests(self) -> List[Dict[str, Any]]:
-        return self.counters().get("forbiddenRequests") or []
+def manifest_rules(manifest: Dict[str, Any]) -> List[RuleRef]:
+    """Every rule of the manifest's Roles and ClusterRoles, in the file's order."""
+    rules: List[RuleRef] = []
+    for item_index, item in enumerate(manifest["items"]):
+        if item.get("kind") not in ROLE_KINDS:
+            continue
+        metadata = item.get("metadata") or {}
+        namespace = metadata.get("namespace") if item["kind"] == "Role" else None
+        for rule_index, rule in enumerate(item.get("rules") or []):
+            rules.append(RuleRef(item["kind"], metadata["name"], namespace, item_index, rule_index,
+                                 tuple(rule.get("apiGroups") or ()), tuple(rule.get("resources") or ()),
+                                 tuple(rule.get("verbs") or ())))
+    return rules
 
 
-def rbac_rules(path: Path = RBAC_YAML) -> List[Dict[str, Any]]:
-    from lab.apiserver import rules_from_rbac_yaml
+def bound_roles(manifest: Dict[str, Any], namespace: str = SERVICE_ACCOUNT_NAMESPACE,
+                name: str = SERVICE_ACCOUNT_NAME) -> List[Tuple[str, str, Optional[str]]]:
+    """(kind, name, namespace) of each role the manifest's own bindings bind to the ServiceAccount."""
+    bound: List[Tuple[str, str, Optional[str]]] = []
+    for item in manifest["items"]:
+        if item.get("kind") not in BINDING_KINDS:
+            continue
+        subjects = item.get("subjects") or []
+        if not any(s.get("kind") == "ServiceAccount" and s.get("name") == name and s.get("namespace") == namespace
+                   for s in subjects):
+            continue
+        ref = item["roleRef"]
+        assert ref["kind"] == BINDING_KINDS[item["kind"]], item
+        bound.append((ref["kind"], ref["name"], (item["metadata"] or {}).get("namespace")
+                      if item["kind"] == "RoleBinding" else None))
+    return bound
 
-    return rules_from_rbac_yaml(str(path), SERVICE_ACCOUNT)
+
+def without_rule(manifest: Dict[str, Any], rule: RuleRef) -> Dict[str, Any]:
+    """A copy of the manifest whose role lacks ``rule`` (everything else as it is)."""
+    edited = copy.deepcopy(manifest)
+    role = edited["items"][rule.item]
+    assert role["kind"] == rule.kind and role["metadata"]["name"] == rule.role, role
+    del role["rules"][rule.index]
+    return edited
+
+
+def roles_of(manifest: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return [item for item in manifest["items"] if item.get("kind") in ROLE_KINDS]
+
+
+def restricted_kubeconfig(fleet: LabFleet, manifest: Dict[str, Any], name: str = "rbac") -> str:
+    """Apply ``manifest`` (the whole List, as ``kubectl apply -f docs/rbac.yaml`` would) and
+    return a kubeconfig with a TokenRequest token of kube-system/gpunode-bringup. The roles the
+    API server then holds are checked to be exactly the manifest's."""
+    path = fleet.state_dir / ("kubeconfig-%s" % name)
+    kubeconfig = fleet.service_account_kubeconfig(SERVICE_ACCOUNT_NAME, SERVICE_ACCOUNT_NAMESPACE, [manifest], path=path)
+    for role in roles_of(manifest):
+        metadata = role["metadata"]
+        group_path = "/apis/rbac.authorization.k8s.io/v1"
+        if role["kind"] == "Role":
+            stored = fleet.api("%s/namespaces/%s/roles/%s" % (group_path, metadata["namespace"], metadata["name"]))
+        else:
+            stored = fleet.api("%s/clusterroles/%s" % (group_path, metadata["name"]))
+        assert _plain_rules(stored.get("rules")) == _plain_rules(role.get("rules")), (role, stored.get("rules"))
+    return kubeconfig
+
+
+def _plain_rules(rules: Any) -> List[Dict[str, List[str]]]:
+    return [{k: list(rule.get(k) or []) for k in ("apiGroups", "resources", "verbs")} for rule in rules or []]
+
+
+def allowed(fleet: LabFleet, user: str, namespace: Optional[str], group: str, resource: str, verb: str) -> bool:
+    """The API server's RBAC decision for ``user`` (a SubjectAccessReview, as the administrator)."""
+    resource, _slash, subresource = resource.partition("/")
+    attributes: Dict[str, Any] = {"verb": verb, "group": group, "resource": resource}
+    if subresource:
+        attributes["subresource"] = subresource
+    if namespace:
+        attributes["namespace"] = namespace
+    groups = ["system:serviceaccounts", "system:serviceaccounts:%s" % user.split(":")[2], "system:authenticated"] \
+        if user.startswith("system:serviceaccount:") else ["system:authenticated"]
+    answer = fleet.api("/apis/authorization.k8s.io/v1/subjectaccessreviews", "POST", {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": user, "groups": groups, "resourceAttributes": attributes}})
+    return bool(answer["status"].get("allowed"))
+
+
+def wait_authorized(fleet: LabFleet, expected: Dict[Tuple[Optional[str], str, str, str], bool],
+                    user: str = SERVICE_ACCOUNT_USER, timeout: float = 30.0) -> None:
+    """Wait until the authorizer (its informers follow role changes within moments) decides each
+    (namespace, group, resource, verb) as expected."""
+    deadline = time.monotonic() + timeout
+    while True:
+        wrong = {k: v for k, v in expected.items() if allowed(fleet, user, *k) != v}
+        if not wrong:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("RBAC: after %ds these decisions differ from the expected ones: %s" % (timeout, wrong))
+        time.sleep(0.2)
+
+
+FORBIDDEN = re.compile(r'is forbidden: User "(?P<user>[^"]+)" cannot (?P<verb>\S+) resource "(?P<resource>[^"]+)" '
+                       r'in API group "(?P<group>[^"]*)" (?:in the namespace "(?P<namespace>[^"]+)"|at the cluster scope)')
+
+
+def denials(fleet: LabFleet) -> List[Dict[str, Any]]:
+    """The 403s in the audit log since the last ``reset_counters``: the request (``verb``,
+    ``resource``, as ``counters()["forbidden"]``) and the authorization the API server denied,
+    parsed from its message (``denied``: verb, resource, group, namespace). They differ where one
+    request needs two decisions: an apply (a patch) that creates the object is authorized as
+    create too."""
+    assert fleet.audit is not None
+    found: List[Dict[str, Any]] = []
+    for event in fleet.audit.events():
+        status = event.get("responseStatus") or {}
+        if status.get("code") != 403:
+            continue
+        ref = event.get("objectRef") or {}
+        message = status.get("message") or ""
+        match = FORBIDDEN.search(message)
+        found.append({"user": (event.get("user") or {}).get("username"), "verb": event.get("verb"),
+                      "resource": ref.get("resource", "") + ("/" + ref["subresource"] if ref.get("subresource") else ""),
+                      "namespace": ref.get("namespace"), "message": message,
+                      "denied": match.groupdict() if match else None})
+    return found
+
+
+def admin_service_account(fleet: LabFleet, name: str, namespace: str = "default") -> Tuple[str, str]:
+    """A ServiceAccount bound to cluster-admin: (kubeconfig path, its TokenRequest token)."""
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "%s-%s-cluster-admin" % (namespace, name)},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}
+    kubeconfig = fleet.service_account_kubeconfig(name, namespace, [binding])
+    token = token_of(kubeconfig)
+    wait_authorized(fleet, {(None, "", "nodes", "list"): True}, user="system:serviceaccount:%s:%s" % (namespace, name))
+    return kubeconfig, token
+
+
+def token_of(kubeconfig: str) -> str:
+    document = yaml.safe_load(Path(kubeconfig).read_text())
+    context = next(c["context"] for c in document["contexts"] if c["name"] == document["current-context"])
+    return next(u["user"]["token"] for u in document["users"] if u["name"] == context["user"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,9 +374,3 @@ def run_playbook_text(fleet: LabFleet, text: str, name: str, *extra: str, invent
     cmd = [str(VENV_BIN / "ansible-playbook"), "-i", inventory or fleet.inventory, str(playbook), *extra]
     return subprocess.run(cmd, cwd=str(fleet.state_dir), env=env or fleet.env, text=True, capture_output=True,
                           timeout=timeout, check=False)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "daemon":
-        sys.exit(daemon_main(sys.argv[2:]))
-    sys.exit("usage: hardening_lab.py daemon --state-dir DIR [--nodes N] [--scenario S]")

@@ -1,5 +1,7 @@
-"""A full lab fleet (`python -m lab up`) for playbook-level tests: start/stop, faults, the API
-server's request counters, a snapshot of the node roots, and ansible-playbook runs."""
+"""A full lab fleet (`python -m lab up`: the real control plane, simulated kubelets running
+NVIDIA's real device plugin) for playbook-level tests: start/stop, faults, the request counts of
+the API server's audit log, requests and kubectl as the lab's administrator, restricted
+ServiceAccount tokens, a snapshot of the node roots, and ansible-playbook runs."""
 from __future__ import annotations
 
 import hashlib
@@ -12,20 +14,29 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+for _path in (ROOT / ".build", ROOT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from lab.cluster import AuditLog  # noqa: E402
+from lab.daemon import control_request  # noqa: E402
+
 VENV_BIN = ROOT / ".venv" / "bin"
+KUBECTL = str(ROOT / ".build" / "lab" / "bin" / "kubectl")
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 PLAYBOOKS = ROOT / "playbooks"
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)"
                    r"\s+rescued=(\d+)", re.M)
-# Files the lab's kubelet stand-in rewrites on its own (registration); everything else under a
-# node root changes only through the collection's actions.
-SNAPSHOT_SKIP = ("kubelet_internal_checkpoint",)
+from lab.node.layout import KUBELET_OWNED  # noqa: E402
 
 
 @dataclass
@@ -48,11 +59,17 @@ class PlaybookRun:
 
 
 class LabFleet:
-    def __init__(self, nodes: int = 4, scenario: str = "healthy") -> None:
+    def __init__(self, nodes: int = 4, scenario: str = "healthy", gpus: int = 8, fault_proxy: bool = False,
+                 node_status_update_frequency: Optional[float] = None, api_only: bool = False) -> None:
         # unix socket paths are limited to 107 bytes: keep the state directory short
         self.state_dir = Path(tempfile.mkdtemp(prefix="gl", dir="/tmp"))
         self.nodes = nodes
         self.scenario = scenario
+        self.gpus = gpus
+        self.fault_proxy = fault_proxy
+        self.node_status_update_frequency = node_status_update_frequency
+        self.api_only = api_only
+        self.audit: Optional[AuditLog] = None
         self.env = dict(os.environ)
         self.env.update({
             "ANSIBLE_HOME": str(self.state_dir / "ansible-home"),
@@ -74,8 +91,20 @@ class LabFleet:
         return proc
 
     def up(self) -> "LabFleet":
-        self.lab("up", "--nodes", str(self.nodes), "--scenario", self.scenario)
+        args = ["up", "--nodes", str(self.nodes), "--scenario", self.scenario, "--gpus", str(self.gpus)]
+        if self.fault_proxy:
+            args.append("--fault-proxy")
+        if self.api_only:
+            args.append("--api-only")
+        if self.node_status_update_frequency is not None:
+            args += ["--node-status-update-frequency", str(self.node_status_update_frequency)]
+        try:
+            self.lab(*args)
+        except AssertionError:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            raise
         self.info = json.loads((self.state_dir / "lab.json").read_text())
+        self.audit = AuditLog(self.info["audit_log"])
         return self
 
     def down(self) -> None:
@@ -104,26 +133,134 @@ class LabFleet:
     def status(self) -> Dict[str, Any]:
         return json.loads(self.lab("status", "--json").stdout)
 
-    # ---- the API server's side channel -------------------------------------------------------
-    def _side(self, path: str, method: str = "GET") -> Dict[str, Any]:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # loopback side channel of our own lab server
-        request = urllib.request.Request(self.info["url"] + path, method=method, data=b"" if method == "POST" else None)
-        with urllib.request.urlopen(request, context=context, timeout=10) as answer:
-            return json.loads(answer.read() or b"{}")
+    # ---- the API as the lab's administrator ------------------------------------------------
+    @property
+    def kubeconfig(self) -> str:
+        return self.info["kubeconfig"]
+
+    def _context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.info["ca"])
+
+    def api(self, path: str, method: str = "GET", body: Any = None, content_type: str = "application/json",
+            token: Optional[str] = None, missing_ok: bool = False) -> Any:
+        """A request to the API server (counted in its audit log like the collection's)."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.info["apiserver_url"] + path, method=method, data=data, headers={
+            "Authorization": "Bearer " + (token or self.info["token"]), "Content-Type": content_type,
+            "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(request, context=self._context(), timeout=30) as answer:
+                text = answer.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404 and missing_ok:
+                return None
+            raise AssertionError("%s %s: HTTP %d %s" % (method, path, exc.code, exc.read()[:500])) from None
+        return json.loads(text) if text else {}
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([KUBECTL, "--kubeconfig", self.kubeconfig, *args], text=True, capture_output=True,
+                              check=False, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError("kubectl %s: %s%s" % (" ".join(args), proc.stdout, proc.stderr))
+        return proc
+
+    def service_account_kubeconfig(self, name: str, namespace: str, documents: Iterable[Dict[str, Any]],
+                                   path: Optional[Path] = None) -> str:
+        """A kubeconfig whose token (TokenRequest) is ServiceAccount ``namespace/name``, after the
+        RBAC ``documents`` (Roles, ClusterRoles and their bindings) are applied as they are."""
+        self.api("/api/v1/namespaces/%s/serviceaccounts" % namespace, "POST", {
+            "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}) \
+            if self.api("/api/v1/namespaces/%s/serviceaccounts/%s" % (namespace, name), missing_ok=True) is None else None
+        for doc in documents:
+            self.apply(doc)
+        answer = self.api("/api/v1/namespaces/%s/serviceaccounts/%s/token" % (namespace, name), "POST", {
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}})
+        token = answer["status"]["token"]
+        target = path or (self.state_dir / ("kubeconfig-%s-%s" % (namespace, name)))
+        document = yaml.safe_load(Path(self.kubeconfig).read_text())
+        document["users"] = [{"name": name, "user": {"token": token}}]
+        document["contexts"][0]["context"]["user"] = name
+        Path(target).write_text(yaml.safe_dump(document))
+        return str(target)
+
+    def apply(self, doc: Dict[str, Any], manager: str = "lab-test") -> None:
+        """Server-side apply of one object as the administrator (kubectl finds its resource)."""
+        proc = subprocess.run([KUBECTL, "--kubeconfig", self.kubeconfig, "apply", "--server-side",
+                               "--field-manager", manager, "--force-conflicts", "-f", "-"],
+                              input=json.dumps(doc), text=True, capture_output=True, check=False, timeout=120)
+        if proc.returncode != 0:
+            raise AssertionError("kubectl apply %s/%s: %s" % (doc.get("kind"), (doc.get("metadata") or {}).get("name"),
+                                                              proc.stderr))
+
+    # ---- request counts: the API server's audit log ---------------------------------------------
+    def reset_counters(self) -> None:
+        assert self.audit is not None
+        self.audit.mark()
 
     def counters(self) -> Dict[str, Any]:
-        return self._side("/lab/counters")
-
-    def reset_counters(self) -> None:
-        self._side("/lab/counters/reset", method="POST")
+        """Requests since the last reset, by verb and resource (writes and dry-run writes apart)."""
+        assert self.audit is not None
+        return self.audit.counts()
 
     def writes(self) -> int:
         return int(self.counters()["writes"])
 
     def deletes(self, resource: str = "pods") -> int:
         return int(self.counters()["requests"].get("delete", {}).get(resource, 0))
+
+    def write_requests(self) -> Dict[str, Dict[str, int]]:
+        """Writes (dry runs apart) per verb and resource since the last reset."""
+        return self.counters()["write_requests"]
+
+    # ---- the lab daemon's control socket ------------------------------------------------------
+    def control(self, op: str, **request: Any) -> Any:
+        answer = control_request(str(self.state_dir), dict(request, op=op))
+        if not answer.get("ok"):
+            raise AssertionError("lab %s %s: %s" % (op, request, answer.get("error")))
+        return answer
+
+    def add_api_faults(self, *faults: Dict[str, Any]) -> None:
+        self.control("api_faults", action="add", faults=list(faults))
+
+    def api_faults(self) -> Any:
+        return self.control("api_faults", action="list")["faults"]
+
+    def clear_api_faults(self) -> None:
+        self.control("api_faults", action="clear")
+
+    def wire_counts(self) -> Dict[str, Dict[str, int]]:
+        """What the fault proxy saw since its last reset: ``seen`` (every request on the wire) and
+        ``answered`` (those it answered itself: they never reached the API server), by
+        "verb resource"."""
+        answer = self.control("api_faults", action="list")
+        return {"seen": answer.get("seen") or {}, "answered": answer.get("answered") or {}}
+
+    def reset_wire_counts(self) -> None:
+        self.control("api_faults", action="reset_counts")
+
+    def nodes_status(self) -> Dict[str, Any]:
+        return self.control("status")["status"]["nodes"]
+
+    def wait_for(self, what: str, predicate: Callable[[Dict[str, Any]], bool], timeout: float = 90.0) -> Dict[str, Any]:
+        """Poll the lab's status until ``predicate(nodes)`` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = self.nodes_status()
+            if predicate(nodes):
+                return nodes
+            if time.monotonic() > deadline:
+                raise AssertionError("lab: %s not reached after %ds: %s" % (what, timeout, json.dumps(nodes)[:4000]))
+            time.sleep(0.3)
+
+    def wait_advertising(self, nodes: Iterable[str], count: Optional[int] = None, timeout: float = 90.0) -> Dict[str, Any]:
+        names = list(nodes)
+        want = str(self.gpus if count is None else count)
+
+        def ok(status: Dict[str, Any]) -> bool:
+            return all(str(status[n].get("allocatable")) == want and str(status[n].get("capacity")) == want
+                       and (status[n].get("plugin_pod") or {}).get("running") for n in names)
+
+        return self.wait_for("%s GPUs advertised on %s" % (want, ", ".join(names)), ok, timeout)
 
     # ---- node roots ----------------------------------------------------------------------------
     def snapshot(self) -> Dict[str, str]:
@@ -134,7 +271,9 @@ class LabFleet:
             for dirpath, _dirs, files in os.walk(root):
                 for name in files:
                     path = Path(dirpath) / name
-                    if name in SNAPSHOT_SKIP or name.endswith(".lock") or not path.is_file() or path.is_socket():
+                    relative = str(path.relative_to(root))
+                    if relative.startswith(KUBELET_OWNED) or name.endswith(".lock") or not path.is_file() \
+                            or path.is_socket():
                         continue
                     result[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
         return result

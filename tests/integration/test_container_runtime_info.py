@@ -2,9 +2,12 @@
 
 One inventory host per layout: containerd schema 2 and 3, imports and a drop-in nothing imports,
 containerd 1.x's section replacement, k3s/RKE2 generated configs and templates, CRI-O drop-ins, CDI
-specs, the lab node's own layout with its ``runtime_missing_nvidia`` fault, and bad options. The
-playbook runs the module, then again in check mode; each host's findings (code, severity, action)
-and check-mode result are asserted.
+specs, bad options, and the two nodes of a running LabFleet (their ``gpunode_node_root`` from the
+lab's inventory): one as the lab sets a GPU node up, one with the lab's ``runtime_missing_nvidia``
+fault (containerd's config rewritten without the nvidia handler), where the test also shows what
+the real components make of it: a new plugin pod's sandbox gets no NVIDIA injection, and NVIDIA's
+plugin logs ``Incompatible strategy detected auto``. The playbook runs the module, then again in
+check mode; each host's findings (code, severity, action) and check-mode result are asserted.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -22,7 +25,8 @@ for _path in (ROOT / ".build", ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from lab.node.layout import NVIDIA_RUNTIME_BINARY, NodeLayout, containerd_config_text  # noqa: E402
+from device_plugin_lab import deploy_plugin, lab_fleet, plugin_pods, pods_on, wait_until  # noqa: E402
+from lab_fleet import LabFleet  # noqa: E402
 
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
@@ -167,8 +171,21 @@ def write(root: Path, path: str, text: str, mode: Optional[int] = None) -> None:
         os.chmod(str(target), mode)
 
 
+LAB_HEALTHY, LAB_MISSING = "gpu-node-01", "gpu-node-02"
+
+
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, Any]]:
+def lab() -> Iterator[LabFleet]:
+    """A running lab fleet with the device plugin; gpu-node-02's containerd lost its nvidia handler."""
+    with lab_fleet(nodes=2, gpus=1) as fleet:
+        deploy_plugin(fleet)
+        fleet.wait_advertising(fleet.node_names, timeout=180)
+        fleet.break_(LAB_MISSING, "runtime_missing_nvidia")
+        yield fleet
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory, lab: LabFleet) -> Dict[str, Dict[str, Any]]:
     """Write each host's node root, run the playbook once; {host: {"run": ..., "check": ...}}."""
     subprocess.run(["make", "-s", "collection"], cwd=str(ROOT), check=True)
     base = tmp_path_factory.mktemp("runtime-info")
@@ -181,13 +198,9 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, Any]]
         if toolkit:
             write(node_root, NVIDIA_BIN, "#!/bin/sh\nexit 0\n", 0o755)
         hosts[name] = dict(host_vars, node_root=str(node_root))
-    # The lab node's own runtime files (lab/node/layout.py), healthy and with the lab's
-    # runtime_missing_nvidia fault (lab/node/runtime.py writes the config without nvidia).
-    for host, with_nvidia in (("lab_healthy", True), ("lab_runtime_missing_nvidia", False)):
-        lab_root = base / host
-        write(lab_root, CONTAINERD_CONFIG, containerd_config_text(NodeLayout(host, str(lab_root)), with_nvidia=with_nvidia))
-        write(lab_root, NVIDIA_RUNTIME_BINARY, "#!/bin/sh\nexit 0\n", 0o755)
-        hosts[host] = {"node_root": str(lab_root)}
+    # the running lab's nodes, as its inventory names their roots
+    for host, node in (("lab_healthy", LAB_HEALTHY), ("lab_runtime_missing_nvidia", LAB_MISSING)):
+        hosts[host] = {"node_root": str(lab.node_root(node))}
     hosts["bad_runtime"] = {"node_root": str(base / "no_runtime"), "runtime": "docker"}
     hosts["bad_config_path"] = {"node_root": str(base / "no_runtime"), "config_path": "/etc/containerd/config.toml"}
     hosts["bad_node_root"] = {"node_root": str(base / "does-not-exist")}
@@ -276,10 +289,22 @@ def test_lab_node_is_healthy(nodes: Dict[str, Dict[str, Any]]) -> None:
     assert result["nvidia_runtime"]["binary"] == NVIDIA_BIN and result["nvidia_is_default"] is True
 
 
-def test_lab_runtime_missing_nvidia_fault(nodes: Dict[str, Dict[str, Any]]) -> None:
+def test_lab_runtime_missing_nvidia_fault(nodes: Dict[str, Dict[str, Any]], lab: LabFleet) -> None:
     result = nodes["lab_runtime_missing_nvidia"]["run"]
     assert [f["code"] for f in result["findings"]] == ["nvidia_runtime_missing"]
     assert result["handlers"] == ["runc"] and result["default_runtime"] == "runc"
+    # what the finding means on the node: a new plugin pod gets a sandbox without the driver
+    for pod in pods_on(plugin_pods(lab), LAB_MISSING):
+        lab.api("/api/v1/namespaces/kube-system/pods/%s" % pod["metadata"]["name"], "DELETE")
+
+    def incompatible() -> bool:
+        pods = [p for p in pods_on(plugin_pods(lab), LAB_MISSING) if not p["metadata"].get("deletionTimestamp")]
+        if not pods or not (pods[0].get("status") or {}).get("containerStatuses"):
+            return False
+        logs = lab.kubectl("logs", "-n", "kube-system", pods[0]["metadata"]["name"], check=False)
+        return "Incompatible strategy detected auto" in logs.stdout
+
+    wait_until("NVIDIA's plugin on %s without the nvidia runtime" % LAB_MISSING, incompatible, 120, pause=1.0)
 
 
 @pytest.mark.parametrize("host, words", [

@@ -2,9 +2,13 @@
 
 One inventory host per scenario (a healthy node, each NVML fault the lab injects, a driver root,
 bad options, no pynvml), each with its own NVML state file through the inventory variable
-``gpunode_node_environment`` used as the task's ``environment:``, as a fleet inventory does. The
-playbook runs the module and then the same module in check mode; every host's result is asserted:
-finding code, severity, GPU and action per fault; the same result and changed=false in check mode.
+``gpunode_node_environment`` used as the task's ``environment:``, as a fleet inventory does. Two
+more hosts are the nodes of a running LabFleet, with their ``gpunode_node_root`` and
+``gpunode_node_environment`` from the lab's own inventory, while NVIDIA's real plugin uses the
+same NVML state on each of them (one of them with the lab's ecc_uncorrectable fault, set through
+the lab). The playbook runs the module and then the same module in check mode; every host's
+result is asserted: finding code, severity, GPU and action per fault; the same result and
+changed=false in check mode.
 """
 from __future__ import annotations
 
@@ -14,15 +18,17 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 for _path in (ROOT / ".build", ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from device_plugin_lab import deploy_plugin, lab_fleet  # noqa: E402
 from lab import nvml_state  # noqa: E402
 
 LAB_LIB_DIR = ROOT / ".build" / "lab" / "lib"
@@ -96,13 +102,30 @@ FAULT_MODEL = {"retired_pages_pending": "V100"}
 FAULT_VARS: Dict[str, Dict[str, Any]] = {"critical_xid": {"xid_watch_seconds": 0.5}}
 
 
+LAB_HEALTHY, LAB_ECC = "gpu-node-01", "gpu-node-02"
+
+
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, Any]]:
+def lab_nodes() -> Iterator[Dict[str, Dict[str, Any]]]:
+    """Two nodes of a running lab fleet, the device plugin on both; gpu-node-02 with an
+    uncorrectable ECC error on its last GPU. Their hosts as the lab inventory has them."""
+    with lab_fleet(nodes=2, gpus=GPUS) as lab:
+        deploy_plugin(lab)
+        lab.wait_advertising(lab.node_names, timeout=180)
+        lab.break_(LAB_ECC, "ecc_uncorrectable", gpu=str(LAST))
+        inventory = yaml.safe_load(Path(lab.inventory).read_text())
+        hosts = inventory["all"]["children"]["gpu_nodes"]["hosts"]
+        yield {name: dict(hosts[name], node_root=hosts[name]["gpunode_node_root"], expected_gpu_count=GPUS)
+               for name in (LAB_HEALTHY, LAB_ECC)}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, lab_nodes: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """Build the lab library and the collection path, write one state per host, run the playbook
     once; returns {host: {"run": result, "check": check-mode result, "node_root": path}}."""
     subprocess.run(["make", "-s", "lab-nvml", "collection"], cwd=str(ROOT), check=True)
     base = tmp_path_factory.mktemp("nvml-info")
-    hosts: Dict[str, Dict[str, Any]] = {}
+    hosts: Dict[str, Dict[str, Any]] = dict(lab_nodes)
 
     def add_host(name: str, model: str = "A100", fault: Optional[str] = None, **host_vars: Any) -> Path:
         node_root = base / name
@@ -266,3 +289,18 @@ def test_check_mode_gives_the_same_result(fleet: Dict[str, Dict[str, Any]], host
     run, check = fleet[host]["run"], fleet[host]["check"]
     assert check is not None and check["changed"] is False
     assert comparable(check) == comparable(run)
+
+
+def test_lab_nodes_with_the_plugin_running(fleet: Dict[str, Dict[str, Any]]) -> None:
+    """The nodes of a running lab fleet, read through the lab inventory's node root and environment."""
+    healthy = fleet[LAB_HEALTHY]["run"]
+    assert healthy.get("failed") is not True, healthy.get("msg")
+    assert (healthy["healthy"], healthy["findings"], healthy["gpu_count"]) == (True, [], GPUS)
+    state = nvml_state.read_state(os.path.join(fleet[LAB_HEALTHY]["node_root"], "nvml.state"))
+    assert [g["uuid"] for g in healthy["gpus"]] == [g["uuid"] for g in state["gpus"]]
+    assert healthy["driver_version"] == state["driver_version"] == healthy["kernel_module_version"]
+    assert healthy["library_path"] == str(LAB_LIB_DIR / "libnvidia-ml.so.1")
+    ecc = fleet[LAB_ECC]["run"]
+    assert findings(ecc) == [("ecc_uncorrectable", "error", LAST)] and ecc["healthy"] is False
+    for host in (LAB_HEALTHY, LAB_ECC):
+        assert comparable(fleet[host]["check"]) == comparable(fleet[host]["run"]) and not fleet[host]["check"]["changed"]

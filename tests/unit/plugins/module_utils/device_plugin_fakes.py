@@ -49,7 +49,7 @@ def pod(name, node_name, phase="Running", ready=True, restarts=0, waiting=None, 
         {"waiting": {"reason": waiting[0], "message": waiting[1]}}
     status = {
         "name": "nvidia-device-plugin-ctr", "ready": ready, "restartCount": restarts, "state": state,
-        "image": "nvcr.io/nvidia/k8s-device-plugin:v0.17.1", "started": waiting is None,
+        "image": "nvcr.io/nvidia/k8s-device-plugin:v0.17.4", "started": waiting is None,
     }
     if last is not None:
         status["lastState"] = {"terminated": {"reason": last[0], "exitCode": last[1],

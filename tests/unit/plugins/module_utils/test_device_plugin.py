@@ -51,7 +51,7 @@ def test_defaults_are_nvidias_static_manifest():
     assert template["priorityClassName"] == "system-node-critical"
     container = template["containers"][0]
     assert container["name"] == "nvidia-device-plugin-ctr"
-    assert container["image"] == "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
+    assert container["image"] == "nvcr.io/nvidia/k8s-device-plugin:v0.17.4"
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     assert {"name": "device-plugin", "mountPath": "/var/lib/kubelet/device-plugins"} in container["volumeMounts"]
     assert {"name": "device-plugin", "hostPath": {"path": "/var/lib/kubelet/device-plugins"}} in template["volumes"]
@@ -169,12 +169,12 @@ def test_config_change_changes_the_pod_template_hash_and_nothing_else():
     ({"config": {"device_list_strategy": ["envvar", "tarball"]}}, "config.device_list_strategy 'tarball'"),
     ({"config": {"device_list_strategy": ["envvar", "envvar"]}}, "twice"),
     ({"config": {"device_id_strategy": "serial"}}, "config.device_id_strategy 'serial'"),
-    ({"image": "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"}, "carries a tag or digest"),
+    ({"image": "nvcr.io/nvidia/k8s-device-plugin:v0.17.4"}, "carries a tag or digest"),
     ({"image": "nvcr.io/NVIDIA/k8s-device-plugin"}, "not a valid image repository"),
     ({"image": "nvcr.io//k8s-device-plugin"}, "not a valid image repository"),
     ({"image": "nvcr.io/nvidia/k8s device plugin"}, "not a valid image repository"),
     ({"tag": "-v1"}, "not a valid image tag"),
-    ({"tag": "v0.17.1 "}, "not a valid image tag"),
+    ({"tag": "v0.17.4 "}, "not a valid image tag"),
     ({"name": "Device_Plugin"}, "name 'Device_Plugin' is not a valid Kubernetes name"),
     ({"namespace": "kube.system"}, "namespace 'kube.system' is not a valid namespace name"),
     ({"image_pull_policy": "Sometimes"}, "image_pull_policy"),
@@ -245,7 +245,7 @@ def test_check_mode_on_an_empty_cluster_is_a_dry_run_and_writes_nothing():
     assert calls(client) == [("read_namespaced_config_map", False), ("patch_namespaced_config_map", True),
                              ("read_namespaced_daemon_set", False), ("patch_namespaced_daemon_set", True)]
     assert [d["before"] for d in result["diff"]] == [{}, {}]
-    assert result["diff"][1]["after"]["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":v0.17.1")
+    assert result["diff"][1]["after"]["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":v0.17.4")
 
 
 def test_apply_creates_then_is_idempotent():

@@ -284,6 +284,10 @@ class FakeClient:
         if method == "PUT":
             return self.api.replace_namespaced_lease(name, namespace, body, dry_run=dry_run)
         if method == "DELETE":
+            # as the real API server: a DELETE with a body takes its DeleteOptions from the body
+            # alone, the query's dryRun is then ignored
+            if body:
+                dry_run = "All" if body.get("dryRun") else None
             return self.api.delete_namespaced_lease(name, namespace, body=body, dry_run=dry_run)
         raise AssertionError("unexpected request %s %s" % (method, path))
 
@@ -444,3 +448,14 @@ def test_requests_on_the_wire(check_mode):
         method, where, query, body = [r for r in client.requests if r[0] == "DELETE"][0]
         assert (where, query) == (path + "/" + NAME, [])
         assert body == {"preconditions": {"resourceVersion": "101"}}
+
+
+def test_a_check_mode_release_sends_its_dry_run_in_the_delete_options_body():
+    # the API server reads a DELETE's options from its body when it has one (the resourceVersion
+    # precondition) and ignores the query: a dryRun only on the URL really deleted the lease
+    api = seeded(holder=ME, renew=-10, rv="7")
+    client = FakeClient(api)
+    run_node_lease(client, request(), "released", True, clock=lambda: NOW)
+    method, _where, query, body = [r for r in client.requests if r[0] == "DELETE"][0]
+    assert body == {"preconditions": {"resourceVersion": "7"}, "dryRun": ["All"]}
+    assert query == [("dryRun", "All")] and NAME in api.leases

@@ -267,6 +267,13 @@ def test_probe_plugin_healthy_and_stream_cancelled(node):
     assert (plugin.streams_open, plugin.streams_cancelled) == (1, 1)
 
 
+def test_probe_plugin_devices_are_sorted_by_id(node):
+    # NVIDIA's plugin lists its devices in Go map order, another one on each ListAndWatch
+    node.start_plugin([(G3, "Healthy", 0), (G1, "Healthy", 0), (G2, "Unhealthy", 0)])
+    answer = probe_plugin(node.paths.plugin_socket, DEADLINE)
+    assert [d.id for d in answer.devices] == [G1, G2, G3]
+
+
 @pytest.mark.parametrize("hang", ["raw_socket", "hang_options"])
 def test_probe_plugin_hung_reported_within_one_deadline(node, hang):
     if hang == "raw_socket":

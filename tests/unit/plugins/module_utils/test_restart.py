@@ -9,7 +9,13 @@ __metaclass__ = type
 
 import pytest
 
-from ansible_collections.gpunode.bringup.plugins.module_utils._errors import GpuNodeError, InvalidOptionError, K8sError
+from ansible_collections.gpunode.bringup.plugins.module_utils import _restart
+from ansible_collections.gpunode.bringup.plugins.module_utils._errors import (
+    GpuNodeError,
+    InvalidOptionError,
+    K8sError,
+    K8sTimeoutError,
+)
 from ansible_collections.gpunode.bringup.plugins.module_utils._restart import (
     Advertised,
     PluginRestart,
@@ -21,6 +27,7 @@ from ansible_collections.gpunode.bringup.plugins.module_utils._restart import (
     ready_replacement,
     replacement_pod,
 )
+from ansible_collections.gpunode.bringup.plugins.module_utils._wait import WaitResult
 
 GPU = "nvidia.com/gpu"
 
@@ -153,13 +160,20 @@ class FakeCore:
     def list_namespaced_pod(self, namespace, **kwargs):
         return {"metadata": {"resourceVersion": "5"}, "items": self.pods}
 
+    def list_node(self, **kwargs):
+        return {"metadata": {"resourceVersion": "5"}, "items": [node("8", "8")]}
+
     def read_node(self, name, **kwargs):
         if not self.node_exists:
             raise K8sError("get node: not found", status=404)
         return node("8", "8")
 
     def delete_namespaced_pod(self, name, namespace, **kwargs):
-        self.deleted.append((name, kwargs.get("body"), kwargs.get("dry_run")))
+        # as the real API server: a DELETE with a body reads its DeleteOptions (dryRun included)
+        # from the body and ignores the query parameters
+        body = kwargs.get("body")
+        dry_run = "All" if (body.get("dryRun") if body else kwargs.get("dry_run")) else None
+        self.deleted.append((name, (body or {}).get("preconditions"), dry_run))
         return {}
 
 
@@ -177,7 +191,21 @@ def test_check_mode_deletes_as_a_dry_run_and_does_not_wait():
     core = FakeCore([plugin_pod("old", "uid-1")])
     result = PluginRestart(FakeClient(core), request()).run(check_mode=True)
     assert result["changed"] and result["new_pod"] is None and result["old_pod"]["name"] == "old"
-    assert core.deleted == [("old", {"preconditions": {"uid": "uid-1"}}, "All")]
+    assert core.deleted == [("old", {"uid": "uid-1"}, "All")]
+
+
+def test_the_dry_run_of_check_mode_is_in_the_delete_options_body():
+    # the API server ignores a dryRun query parameter when the DELETE has a body (the UID
+    # precondition): a check-mode run that put it only on the URL deleted the pod on a real cluster
+    calls = []
+
+    class Recording(FakeCore):
+        def delete_namespaced_pod(self, name, namespace, **kwargs):
+            calls.append(kwargs)
+            return super().delete_namespaced_pod(name, namespace, **kwargs)
+
+    PluginRestart(FakeClient(Recording([plugin_pod("old", "uid-1")])), request()).run(check_mode=True)
+    assert calls[0]["body"] == {"preconditions": {"uid": "uid-1"}, "dryRun": ["All"]}
 
 
 @pytest.mark.parametrize("node_exists,word", [(True, "has no device plugin pod"), (False, "does not exist")])
@@ -187,3 +215,30 @@ def test_a_node_without_a_plugin_pod_fails_before_deleting_anything(node_exists,
         PluginRestart(FakeClient(core), request()).run(check_mode=False)
     assert core.deleted == []
     assert info.value.action
+
+
+@pytest.mark.parametrize("now_ready", [False, True])
+def test_a_replacement_ready_for_a_moment_is_named_when_the_node_never_advertises(monkeypatch, now_ready):
+    # a plugin that exits at once (NVML init fails) is Running and Ready for a moment: the pod
+    # wait ends there, the Node never advertises; by the deadline the kubelet reports the exit
+    # and the back-off, and that is the cause the module reports (not the Node)
+    core = FakeCore([plugin_pod("old", "uid-1")])
+    crashing = plugin_pod("new", "uid-2", ready=False, restarts=2, waiting="CrashLoopBackOff",
+                          message="back-off 10s restarting failed container", last_exit=1)
+    waits = iter([WaitResult(PodView.from_object(plugin_pod("new", "uid-2"))), WaitResult(None, {"gpu-07": node("8", "0")})])
+
+    def fake_wait(lister, condition, deadline, **kwargs):
+        core.pods = [plugin_pod("new", "uid-2") if now_ready else crashing]
+        return next(waits)
+
+    monkeypatch.setattr(_restart, "wait_until", fake_wait)
+    with pytest.raises(K8sTimeoutError) as info:
+        PluginRestart(FakeClient(core), request(timeout=15)).run(check_mode=False)
+    if now_ready:
+        assert "device plugin pod new is Ready but after 15s the node shows allocatable nvidia.com/gpu 0" in info.value.msg
+    else:
+        assert info.value.msg == (
+            "node gpu-07: new device plugin pod new is not Ready after 15s (it was Ready for a moment): phase Running, "
+            "waiting: CrashLoopBackOff (back-off 10s restarting failed container), 2 restarts, last exit code 1")
+        assert info.value.details["new_pod"]["waiting_reason"] == "CrashLoopBackOff"
+        assert "logs new --previous" in info.value.action

@@ -141,12 +141,27 @@ def test_bad_options_fail_naming_the_option(overrides, word):
 
 # --- the flow: the pod is always deleted -----------------------------------------------------
 
+class FakeStream:
+    """A watch that ends at once without an event."""
+
+    def stream(self, amt=None, decode_content=False):
+        return iter(())
+
+    def close(self):
+        pass
+
+    def release_conn(self):
+        pass
+
+
 class FakeCore:
-    def __init__(self, final_pod=None, list_error=None):
+    def __init__(self, final_pod=None, list_error=None, pods=None):
         self.final_pod = final_pod
         self.list_error = list_error
+        self.pods = list(pods or [])  # what successive LISTs answer (then final_pod)
         self.created = []
         self.deleted = []
+        self.lists = 0
 
     def create_namespaced_pod(self, namespace, body, dry_run=None, **_):
         self.created.append((body, dry_run))
@@ -155,7 +170,11 @@ class FakeCore:
     def list_namespaced_pod(self, namespace, **kwargs):
         if self.list_error:
             raise self.list_error
-        return {"metadata": {"resourceVersion": "9"}, "items": [self.final_pod]}
+        if kwargs.get("watch"):
+            return FakeStream()
+        self.lists += 1
+        pod = self.pods.pop(0) if self.pods else self.final_pod
+        return {"metadata": {"resourceVersion": "9"}, "items": [pod]}
 
     def list_namespaced_event(self, namespace, field_selector=None, **_):
         assert field_selector == "involvedObject.kind=Pod,involvedObject.name=gpunode-smoke-abcde"
@@ -187,13 +206,38 @@ def test_a_passing_pod_returns_its_evidence_and_is_deleted():
     assert result["deleted"] is True and core.deleted == ["gpunode-smoke-abcde"]
 
 
+class FakeClock:
+    """Monotonic time that moves ``step`` seconds at each reading."""
+
+    def __init__(self, step=3.0):
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
+
+
+UNSCHEDULABLE_POD = smoke_pod(conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                           "message": "0/1 nodes are available"}])
+
+
 def test_a_pod_that_never_started_has_no_log_and_is_deleted():
-    core = FakeCore(smoke_pod(conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                           "message": "0/1 nodes are available"}]))
-    result = SmokeTest(FakeClient(core), request()).run(check_mode=False)
+    core = FakeCore(UNSCHEDULABLE_POD)
+    result = SmokeTest(FakeClient(core), request(), clock=FakeClock()).run(check_mode=False)
     assert result["passed"] is False and result["outcome"] == "unschedulable" and result["log"] is None
     assert "did not succeed: unschedulable" in result["msg"]
     assert core.deleted == ["gpunode-smoke-abcde"]
+
+
+def test_unschedulable_for_a_moment_is_not_final():
+    """The scheduler's first try may miss the node's GPU (its view lags the Node by an update);
+    the pod it schedules at its next try is what counts."""
+    core = FakeCore(smoke_pod("Succeeded", {"terminated": {"exitCode": 0, "reason": "Completed"}}),
+                    pods=[UNSCHEDULABLE_POD])
+    result = SmokeTest(FakeClient(core), request(), clock=FakeClock(step=1.0)).run(check_mode=False)
+    assert result["passed"] is True and result["outcome"] == "succeeded", result
+    assert core.lists >= 2
 
 
 def test_the_pod_is_deleted_when_the_wait_itself_fails():
