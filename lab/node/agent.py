@@ -294,6 +294,7 @@ class BaseNode:
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.append(task)
+        task.add_done_callback(lambda done: self._tasks.remove(done) if done in self._tasks else None)
         return task
 
 

@@ -306,6 +306,8 @@ class PodWorker:
             state.state, state.reason = "waiting", "CrashLoopBackOff"
             state.message = "back-off %s restarting failed container=%s pod=%s_%s(%s)" % (
                 _go_duration(delay), key, self.name, self.namespace, self.uid)
+            self._event("Warning", "BackOff", "Back-off restarting failed container %s in pod %s_%s(%s)"
+                        % (key, self.name, self.namespace, self.uid))
             await self.report()
             try:
                 await asyncio.wait_for(self._wait_until_deleting(), timeout=delay)
@@ -352,7 +354,10 @@ class PodWorker:
         log_path = self.log_path(name, state.restart_count)
         process = ContainerProcess(spec, os.path.join(self.node.layout.root, "run", "containerd", "lab", self.uid, name),
                                    log_path)
+        self._event("Normal", "Pulled", 'Container image "%s" already present on machine' % container.get("image", ""))
+        self._event("Normal", "Created", "Created container: %s" % name)
         await process.start()
+        self._event("Normal", "Started", "Started container %s" % name)
         self.processes[name] = process
         state.container_id = "containerd://" + uuid.uuid4().hex + uuid.uuid4().hex
         state.image_id = image.image_id
@@ -371,6 +376,10 @@ class PodWorker:
         process.cleanup()
         await self.report()
         return code
+
+    def _event(self, kind: str, reason: str, message: str) -> None:
+        """An event of the kubelet's, sent in the background (a pod does not wait for it)."""
+        self.node.spawn(self.node.event(self, kind, reason, message))
 
     def log_path(self, container: str, restart: int) -> str:
         return os.path.join(self.node.layout.root, "var", "log", "pods",

@@ -978,6 +978,11 @@ def test_smoke_pod_sees_exactly_its_gpu(lab: Lab) -> None:
     assert response.envs["NVIDIA_VISIBLE_DEVICES"] == allocated[0]  # NVIDIA's Allocate, deviceListStrategy envvar
     gpu = next(g for g in nvml_state.read_state(lab.layout(node).nvml_state)["gpus"] if g["uuid"] == allocated[0])
     assert lab.log("default", name) == "GPU 0: %s (UUID: %s)\n" % (gpu["name"], allocated[0])
+    # the kubelet's events, as kubectl describe shows them
+    events = lab.request("GET", "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%%3D%s" % name)
+    kubelet = {(e["reason"], e["message"]) for e in events["items"] if (e.get("source") or {}).get("component") == "kubelet"}
+    assert kubelet >= {("Pulled", 'Container image "%s" already present on machine' % CUDA_IMAGE),
+                       ("Created", "Created container: smoke"), ("Started", "Started container smoke")}, kubelet
     lab.request("DELETE", "/api/v1/namespaces/default/pods/%s" % name, {"gracePeriodSeconds": 0})
 
 
