@@ -51,7 +51,9 @@ AUDIT_POLICY = {
         # the simulated kubelets (heartbeats, status) and the control plane's own traffic
         {"level": "None", "userGroups": ["system:nodes"]},
         {"level": "None", "users": ["system:kube-controller-manager", "system:kube-scheduler",
-                                    "system:apiserver", LAB_USER]},
+                                    "system:apiserver", LAB_USER,
+                                    # the --api-only fleet's one light agent (lab/node/agent.py)
+                                    "system:lab:light-kubelet"]},
         # the collection's least-privilege identity (docs/rbac.yaml) is a kube-system service
         # account: audited (the first matching rule wins), unlike the controllers' beside it
         {"level": "Metadata", "users": ["system:serviceaccount:kube-system:gpunode-bringup"]},

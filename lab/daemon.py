@@ -357,6 +357,8 @@ class LabDaemon:
         if action not in NODE_ACTIONS:
             raise ValueError("unknown node action %r (known: %s)" % (action, ", ".join(NODE_ACTIONS)))
         done: List[str] = []
+        # a stopped kubelet is started once (clearing kubelet_down starts it), not started and restarted
+        was_down = (self.fleet.status().get(node) or {}).get("kubelet", {}).get("running") is False
         for fault in NODE_ACTIONS[action]:
             self.fleet.fix_fault(node, fault)
             done.append("cleared " + fault)
@@ -364,6 +366,8 @@ class LabDaemon:
             running = (self.fleet.status().get(node) or {}).get("kubelet", {})
             if isinstance(running, dict) and running.get("running") is False:
                 self.fleet.start_kubelet(node)
+                done.append("kubelet started")
+            elif was_down:
                 done.append("kubelet started")
             else:
                 self.fleet.restart_kubelet(node)

@@ -228,9 +228,11 @@ class FaultProxy:
         body = await request.read()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         try:
+            # skip_auto_headers: a body without a Content-Type (the kubernetes client's DELETE
+            # options) goes on without one, not as aiohttp's application/octet-stream (a 415)
             upstream = await self._session.request(request.method, self.upstream + str(request.rel_url),
                                                    headers=headers, data=body or None, timeout=timeout,
-                                                   allow_redirects=False)
+                                                   allow_redirects=False, skip_auto_headers=("Content-Type",))
         except aiohttp.ClientError as exc:
             return web.Response(status=502, text="lab fault proxy: upstream: %s" % exc)
         try:

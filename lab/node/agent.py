@@ -542,6 +542,8 @@ class SimNode(BaseNode):
 
     async def restart_kubelet(self) -> None:
         await self.kubelet.restart()
+        if self.heartbeats:  # a starting kubelet syncs its Node status at once (the checkpoint's zeros)
+            await self.push_status(force=True)
 
     async def stop_kubelet(self) -> None:
         """The kubelet stops: no gRPC sockets, no HTTPS endpoint, no heartbeats, no pod sync;
@@ -564,6 +566,7 @@ class SimNode(BaseNode):
         await self.push_status(force=True)
         self._watch_task = self.spawn(self.watch_pods())
         for worker in self.workers.values():
+            self.spawn(worker.resync_status())
             worker.wake.set()
 
     # ---- faults -------------------------------------------------------------------------------

@@ -648,6 +648,12 @@ class PodWorker:
             status["message"] = self.pod_message
         return status
 
+    async def resync_status(self) -> None:
+        """A starting kubelet's status manager writes every pod's status again (the node lifecycle
+        controller marked them not Ready while the kubelet was gone)."""
+        self._last_status = None
+        await self.report()
+
     async def report(self) -> None:
         """Patch the pod's status when it changed (the kubelet's status manager)."""
         if self.node.kubelet_stopped():
